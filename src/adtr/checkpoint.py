@@ -1,0 +1,102 @@
+"""Self-describing checkpoints, written atomically and loaded without pickle code.
+
+A run directory holds ``model.pt`` (the finished model: config, weights of the
+backbone and transformer, calibration, versions) and, while training,
+``last.pt`` (the same plus optimiser and progress, for ``fit --resume``). Both
+are plain tensors and containers, loaded with ``torch.load(weights_only=True)``,
+so a file cannot run code when it is opened.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adtr.errors import AdtrError, file_error
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.pt"
+LAST_FILE = "last.pt"
+
+
+def package_version() -> str:
+    from adtr import __version__
+
+    return __version__
+
+
+def versions() -> dict[str, str]:
+    return {"adtr": package_version(), "torch": str(torch.__version__)}
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any moment leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through :func:`atomic_write_bytes`."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(buf.getvalue(), path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load and check a checkpoint written by :func:`atomic_save`."""
+    if not path.is_file():
+        raise file_error(path, "checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means an unusable file
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            msg = "refused: the file contains pickled objects other than tensors (possible code)"
+        raise file_error(path, f"cannot load checkpoint: {msg}") from exc
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
+        raise file_error(path, "not an adtr checkpoint")
+    if ckpt["format_version"] != FORMAT_VERSION:
+        raise file_error(path, f"checkpoint format {ckpt['format_version']} is not supported "
+                               f"(this adtr reads format {FORMAT_VERSION})")
+    return ckpt
+
+
+def check_compatible(ckpt: dict[str, Any], path: Path, backbone: str | None = None,
+                     image_size: int | None = None) -> None:
+    """Refuse a checkpoint whose backbone or input size differs from what is asked."""
+    model = ckpt["config"]["model"]
+    if backbone is not None and model["backbone"] != backbone:
+        raise file_error(path, f"checkpoint was trained with backbone {model['backbone']}, not {backbone}")
+    if image_size is not None and model["image_size"] != image_size:
+        raise file_error(path, f"checkpoint expects {model['image_size']}px images, not {image_size}px")
+
+
+def find_run_file(run_dir: Path) -> Path:
+    """``model.pt`` of a run directory (or the path itself if it is a file)."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        return run_dir
+    path = run_dir / MODEL_FILE
+    if not path.is_file():
+        if (run_dir / LAST_FILE).is_file():
+            raise file_error(run_dir, "training did not finish: run `adtr fit --resume` to complete it")
+        raise AdtrError(f"{run_dir}: not an adtr run (no {MODEL_FILE})")
+    return path

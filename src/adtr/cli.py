@@ -1,0 +1,237 @@
+"""Command line: ``adtr fit | test | predict | demo``. Parse, build config, call the engine."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+
+from adtr.checkpoint import atomic_write_bytes
+from adtr.config import RunConfig, with_overrides
+from adtr.errors import AdtrError
+
+log = logging.getLogger("adtr")
+
+
+def resolve_training_samples(data: Path):
+    """A MVTec category folder (``train/good`` inside) or a plain folder of good images."""
+    from adtr.data import index_folder, index_mvtec
+
+    data = Path(data)
+    if (data / "train" / "good").is_dir():
+        return index_mvtec(data.parent, data.name, "train")
+    return index_folder(data)
+
+
+def resolve_test_samples(data: Path, masks: Path | None):
+    """A MVTec category folder (``test/`` inside) or a plain test folder (good + defect folders)."""
+    from adtr.data import index_mvtec, index_test_folder
+
+    data = Path(data)
+    if (data / "test").is_dir() and masks is None:
+        return index_mvtec(data.parent, data.name, "test")
+    return index_test_folder(data, masks)
+
+
+def write_json(obj, path: Path) -> None:
+    atomic_write_bytes((json.dumps(obj, indent=2) + "\n").encode(), path)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    cfg = RunConfig()
+    cfg = with_overrides(cfg, "model", backbone=args.backbone, weights=args.weights, image_size=args.image_size,
+                         grid_stride=args.grid_stride, stages=tuple(args.stages) if args.stages else None,
+                         dropout=args.dropout, error_space=args.error_space)
+    cfg = with_overrides(cfg, "train", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         weight_decay=args.weight_decay, schedule=args.schedule, grad_clip=args.grad_clip,
+                         val_fraction=args.val_fraction, seed=args.seed, precision=args.precision,
+                         max_minutes=args.max_minutes, feature_cache=args.feature_cache)
+    return with_overrides(cfg, "score", sigma=args.sigma, pool_size=args.pool_size, target_fpr=args.target_fpr)
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from adtr import checkpoint as ckpt_io
+    from adtr.data import validate_readable
+    from adtr.engine import fit
+
+    if args.data is None:
+        raise AdtrError("fit needs the training data folder (also with --resume: the same folder as before)")
+    if args.resume:
+        last = Path(args.out) / ckpt_io.LAST_FILE
+        if last.is_file():
+            ckpt_io.check_compatible(ckpt_io.load_checkpoint(last), last, args.backbone, args.image_size)
+    samples = resolve_training_samples(args.data)
+    validate_readable(samples)
+    result = fit(config_from_args(args), samples, Path(args.out), resume=args.resume)
+    print(f"fitted {result.epochs} epochs in {result.seconds:.0f} s; image threshold {result.threshold:.4f}")
+    print(f"run saved to {Path(args.out) / 'model.pt'}")
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from adtr.data import validate_readable
+    from adtr.detector import Detector
+    from adtr.evaluate import evaluate
+
+    det = Detector.load(args.run)
+    samples = resolve_test_samples(Path(args.data), Path(args.masks) if args.masks else None)
+    validate_readable(samples)
+    res = evaluate(det, samples)
+    out = Path(args.out) if args.out else Path(args.run) / "test"
+    write_json({"metrics": res.metrics, "per_type": res.per_type, "threshold": det.threshold}, out / "metrics.json")
+    fmt = lambda v: "absent" if v is None else f"{v:.4f}"  # noqa: E731
+    m = res.metrics
+    print(f"image AUROC {fmt(m['image_auroc'])}  pixel AUROC {fmt(m['pixel_auroc'])}  AUPRO {fmt(m['aupro'])}  "
+          f"F1-max {fmt(m['image_f1_max'])}")
+    print(f"at threshold {det.threshold:.4f}: FPR {fmt(m['fpr_at_threshold'])}  FNR {fmt(m['fnr_at_threshold'])}")
+    for t, pm in res.per_type.items():
+        print(f"  {t:<24} image AUROC {fmt(pm['image_auroc'])}  pixel AUROC {fmt(pm['pixel_auroc'])}  "
+              f"AUPRO {fmt(pm['aupro'])}")
+    print(f"metrics written to {out / 'metrics.json'}")
+    return 0
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files, folders (their images) and glob patterns -> image paths, in order."""
+    from adtr.data import list_images
+
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += list_images(p)
+        elif p.exists():
+            paths.append(p)
+        else:
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise AdtrError(f"{item}: no such file, folder or matching pattern")
+            paths += [Path(m) for m in matches if Path(m).is_file()]
+    return paths
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from adtr.data import image_to_tensor, read_image, verify_image
+    from adtr.detector import Detector
+    from adtr.visualize import overlay_panel, save_png
+
+    det = Detector.load(args.run)
+    paths = expand_inputs(args.inputs)
+    for p in paths:
+        verify_image(p)
+    out = Path(args.out)
+    thr = det.threshold if args.threshold is None else args.threshold
+    rows = []
+    for i in tqdm(range(0, len(paths), args.batch_size), desc="predict", unit="batch"):
+        chunk = paths[i:i + args.batch_size]
+        preds = det.predict(chunk, threshold=thr)
+        for j, (p, r) in enumerate(zip(chunk, preds)):
+            rows.append({"image": str(p), "score": r.score, "threshold": thr,
+                         "label": "anomalous" if r.is_anomalous else "good"})
+            if not args.no_overlays:
+                img = (image_to_tensor(read_image(p), det.image_size).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+                vmax = 2 * thr if np.isfinite(thr) and thr > 0 else float(r.anomaly_map.max())
+                save_png(overlay_panel(img, r.anomaly_map, 0.0, vmax), out / "overlays" / f"{i + j:05d}_{p.stem}.png")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["image", "score", "threshold", "label"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(buf.getvalue().encode(), out / "results.csv")
+    write_json(rows, out / "results.json")
+    n_bad = sum(r["label"] == "anomalous" for r in rows)
+    print(f"{len(rows)} images: {n_bad} anomalous, {len(rows) - n_bad} good (threshold {thr:.4f})")
+    print(f"results written to {out / 'results.csv'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from adtr.demo import run_demo
+
+    run_demo(Path(args.out), minutes=args.minutes, seed=args.seed)
+    return 0
+
+
+def add_fit_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", help="timm model name (default tf_efficientnet_lite0)")
+    g.add_argument("--weights", help="packaged (default, offline) | hub | none | path to a state-dict file")
+    g.add_argument("--image-size", type=int, help="input side in pixels (default 256)")
+    g.add_argument("--grid-stride", type=int, help="feature grid stride (default 16)")
+    g.add_argument("--stages", type=int, nargs="+", help="backbone stages to use (default 0 1 2 3 4)")
+    g.add_argument("--dropout", type=float, help="transformer dropout (default 0)")
+    g.add_argument("--error-space", choices=["features", "standardized"], help="where the error is measured")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, help="maximum epochs (default 200)")
+    g.add_argument("--max-minutes", type=float, help="wall-clock budget; epochs are fitted to it (default none)")
+    g.add_argument("--batch-size", type=int, help="default 16")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
+    g.add_argument("--schedule", choices=["warmup-cosine", "step"], help="learning-rate schedule")
+    g.add_argument("--grad-clip", type=float, help="max gradient norm (default off)")
+    g.add_argument("--val-fraction", type=float, help="good images held out for calibration (default 0.1)")
+    g.add_argument("--seed", type=int, help="random seed (default 0)")
+    g.add_argument("--precision", choices=["fp32", "bf16"], help="transformer precision in training")
+    g.add_argument("--feature-cache", choices=["auto", "memory", "disk"], help="where cached features live")
+    g = p.add_argument_group("scoring")
+    g.add_argument("--sigma", type=float, help="Gaussian smoothing of maps in pixels (default 4, 0 = off)")
+    g.add_argument("--pool-size", type=int, help="average-pool window for the image score (default 16)")
+    g.add_argument("--target-fpr", type=float, help="false-positive rate on held-out good images (default 0.01)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adtr", description="ADTR anomaly detection: fit on good images, "
+                                     "test, predict.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("fit", help="train on good images")
+    p.add_argument("data", nargs="?", type=Path,
+                   help="MVTec category folder (with train/good) or a folder of good images")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted fit in --out")
+    add_fit_options(p)
+    p.set_defaults(func=cmd_fit)
+    p = sub.add_parser("test", help="metrics on labelled test images")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--data", required=True, help="MVTec category folder, or a test folder with good/ and defect folders")
+    p.add_argument("--masks", help="mask folder mirroring the defect folders (plain layout)")
+    p.add_argument("--out", help="where to write metrics.json (default RUN/test)")
+    p.set_defaults(func=cmd_test)
+    p = sub.add_parser("predict", help="score new images, write CSV/JSON and overlays")
+    p.add_argument("run", help="run folder")
+    p.add_argument("inputs", nargs="+", help="images, folders or glob patterns")
+    p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
+    p.add_argument("--threshold", type=float, help="score threshold (default: the run's calibrated one)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-overlays", action="store_true", help="skip heat-map PNGs")
+    p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("demo", help="generate a dataset, fit, test and predict in a few minutes")
+    p.add_argument("--out", default="demo_results", help="results folder")
+    p.add_argument("--minutes", type=float, default=2.0, help="training budget in minutes")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except AdtrError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; a fit can be continued with `adtr fit --resume`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

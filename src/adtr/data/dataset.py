@@ -1,0 +1,55 @@
+"""A torch Dataset over indexed samples.
+
+Decoding happens lazily per item (so workers share the cost); call
+:func:`validate_readable` first to make a long job fail before it starts if a
+file is unreadable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from adtr.data.images import image_to_tensor, read_image, read_mask, verify_image
+from adtr.data.samples import Sample
+from adtr.errors import AdtrError
+
+
+class ImageDataset(Dataset):
+    """Images (and masks, all-zero when absent) resized to ``image_size`` squared."""
+
+    def __init__(self, samples: Sequence[Sample], image_size: int) -> None:
+        if not samples:
+            raise AdtrError("no images to load: the sample list is empty")
+        self.samples = list(samples)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Return ``image`` (3,S,S), ``mask`` (1,S,S) float 0/1, ``label`` and ``index``."""
+        sample = self.samples[index]
+        size = self.image_size
+        image = image_to_tensor(read_image(sample.image), size)
+        if sample.mask is None:
+            mask = torch.zeros(1, size, size)
+        else:
+            mask = read_mask(sample.mask, size).unsqueeze(0).float()
+        return {
+            "image": image,
+            "mask": mask,
+            "label": torch.tensor(sample.label, dtype=torch.long),
+            "index": index,
+        }
+
+
+def validate_readable(samples: Iterable[Sample]) -> None:
+    """Check every image and mask header up front; raise on the first bad file."""
+    for sample in samples:
+        verify_image(sample.image)
+        if sample.mask is not None:
+            verify_image(sample.mask)

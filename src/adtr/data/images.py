@@ -1,0 +1,173 @@
+"""Finding and decoding image and mask files.
+
+Every decode goes through :func:`_open_loaded`, so a missing, empty, truncated or
+non-image file surfaces as a one-line :class:`AdtrError` naming the file instead
+of a traceback from deep inside PIL. Unusual modes (16-bit, float, CMYK, palette
+with transparency) are normalised here so the rest of the code only sees RGB.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from adtr.errors import AdtrError, file_error
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+_UINT16_MAX = 65535.0
+
+
+def require_dir(folder: str | Path, what: str = "folder") -> Path:
+    """Return ``folder`` as a Path, or raise if it is not an existing directory."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise file_error(folder, f"{what} does not exist")
+    if not folder.is_dir():
+        raise file_error(folder, f"{what} is not a directory")
+    return folder
+
+
+def list_images(folder: str | Path, *, allow_empty: bool = False) -> list[Path]:
+    """Sorted image files directly inside ``folder`` (hidden files skipped).
+
+    Two files with the same stem (``000.png`` and ``000.jpg``) are an error: masks
+    and per-image outputs are matched by stem, so the pairing would be ambiguous.
+    """
+    folder = require_dir(folder)
+    images = sorted(
+        p
+        for p in folder.iterdir()
+        if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+    if not images and not allow_empty:
+        raise file_error(folder, f"no images found (accepted suffixes: {', '.join(IMAGE_SUFFIXES)})")
+    seen: dict[str, Path] = {}
+    for path in images:
+        if path.stem in seen:
+            raise file_error(
+                path, f"same name as {seen[path.stem].name} in the same folder; keep only one of them"
+            )
+        seen[path.stem] = path
+    return images
+
+
+def _open_loaded(path: str | Path) -> Image.Image:
+    """Open and fully decode ``path``, turning every failure into an AdtrError."""
+    path = Path(path)
+    if not path.exists():
+        raise file_error(path, "file does not exist")
+    if not path.is_file():
+        raise file_error(path, "not a regular file")
+    if path.stat().st_size == 0:
+        raise file_error(path, "file is empty (0 bytes)")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img
+    except Exception as exc:  # PIL raises many unrelated types on corrupt input.
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise file_error(path, f"cannot read image: {reason}") from exc
+
+
+def verify_image(path: str | Path) -> None:
+    """Cheaply check that ``path`` is a readable image, without decoding pixels."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        _open_loaded(path)  # Raises the matching "missing"/"empty" error.
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise file_error(path, f"cannot read image: {reason}") from exc
+
+
+def _high_depth_to_uint8(img: Image.Image) -> np.ndarray:
+    """Scale a 16-bit, 32-bit int or float grey image to 0..255 by its type's range.
+
+    Mode ``I`` is assumed to hold 16-bit data (16-bit PNG/TIFF is where it comes from).
+    """
+    arr = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
+        if arr.size and arr.max() <= 1.0:
+            arr = arr * 255.0
+    else:
+        arr = np.clip(arr, 0.0, _UINT16_MAX) / 257.0
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; transparent pixels become black."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "F" or img.mode == "I" or img.mode.startswith("I;16"):
+        return Image.fromarray(_high_depth_to_uint8(img)).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        black = Image.new("RGB", rgba.size, (0, 0, 0))
+        black.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+        return black
+    return img.convert("RGB")
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Read ``path`` as an RGB image, or raise AdtrError naming the file."""
+    img = _open_loaded(path)
+    try:
+        return to_rgb(img)
+    except Exception as exc:  # An exotic mode PIL cannot convert.
+        raise file_error(path, f"cannot convert image mode {img.mode} to RGB: {exc}") from exc
+
+
+def _check_size(size: int) -> None:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise AdtrError(f"image size must be a positive integer, got {size!r}")
+
+
+def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """Resize to ``size`` x ``size`` (bilinear, antialiased) as float32 (3,S,S) in [0,1]."""
+    _check_size(size)
+    img = to_rgb(img).resize((size, size), Image.Resampling.BILINEAR)
+    arr = np.array(img, dtype=np.uint8)  # Copy: torch needs a writable buffer.
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+
+
+def _mask_values(img: Image.Image) -> tuple[np.ndarray, float]:
+    """Mask pixel values in their native range, plus that range's maximum."""
+    if img.mode == "F":
+        return np.nan_to_num(np.asarray(img, dtype=np.float64)), 255.0
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        return np.asarray(img).astype(np.float64), _UINT16_MAX
+    if img.mode in ("1", "L"):
+        return np.asarray(img.convert("L"), dtype=np.float64), 255.0
+    # Colour masks: a pixel is marked if any colour channel is (alpha ignored).
+    rgb = np.asarray(img.convert("RGB"), dtype=np.float64)
+    return rgb.max(axis=2), 255.0
+
+
+def read_mask(path: str | Path, size: int) -> torch.Tensor:
+    """Read a defect mask as a bool (S,S) tensor, resized with nearest neighbour.
+
+    Masks saved as 0/1 (max value <= 1) count any nonzero pixel as defect; others
+    use half the type's range (128 for 8-bit), which tolerates JPEG-ish noise.
+    """
+    _check_size(size)
+    img = _open_loaded(path)
+    try:
+        values, type_max = _mask_values(img)
+    except Exception as exc:
+        raise file_error(path, f"cannot read mask with image mode {img.mode}: {exc}") from exc
+    if values.size and values.max() <= 1.0:
+        binary = values > 0
+    else:
+        binary = values >= (type_max + 1.0) / 2.0
+    small = Image.fromarray(binary.astype(np.uint8) * 255)
+    small = small.resize((size, size), Image.Resampling.NEAREST)
+    return torch.from_numpy(np.array(small) > 0)

@@ -1,0 +1,126 @@
+"""Load a finished run and score images: the Python API behind ``adtr predict``.
+
+    >>> from adtr import Detector
+    >>> det = Detector.load("runs/bottle")
+    >>> result = det.predict("part.png")
+    >>> result.score, result.is_anomalous, result.anomaly_map.shape
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from adtr import checkpoint as ckpt_io
+from adtr.config import RunConfig, from_dict
+from adtr.data.images import image_to_tensor, read_image, to_rgb
+from adtr.engine import build_backbone, build_model, default_device
+from adtr.errors import AdtrError
+from adtr.models.adtr import ADTRDetector
+from adtr.postprocess import image_score, pixel_anomaly_map
+
+ImageInput = str | Path | Image.Image | np.ndarray
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result. ``anomaly_map`` is (H, W) at the model's input size."""
+
+    score: float
+    threshold: float
+    is_anomalous: bool
+    anomaly_map: np.ndarray
+    source: str
+
+
+def array_to_pil(array: np.ndarray) -> Image.Image:
+    """(H, W), (H, W, 1|3|4) uint8, or float in [0, 1] -> RGB PIL image."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        raise AdtrError(f"array of shape {a.shape} is not an image (expected HxW, HxWx3 or HxWx4)")
+    if a.dtype != np.uint8:
+        if not np.isfinite(a).all():
+            raise AdtrError("image array contains NaN or inf")
+        a = np.clip(a * 255.0 if a.max() <= 1.0 else a, 0, 255).astype(np.uint8)
+    return to_rgb(Image.fromarray(a))
+
+
+class Detector:
+    """A trained ADTR run ready for inference."""
+
+    def __init__(self, config: RunConfig, network: ADTRDetector, calibration: dict[str, Any],
+                 device: torch.device) -> None:
+        self.config = config
+        self.network = network.eval()
+        self.calibration = calibration
+        self.device = device
+
+    @classmethod
+    def load(cls, run: str | Path, device: str | torch.device | None = None) -> Detector:
+        """Rebuild the model from ``run`` (a run folder or its ``model.pt``) alone."""
+        path = ckpt_io.find_run_file(Path(run))
+        ckpt = ckpt_io.load_checkpoint(path)
+        if ckpt.get("kind") != "model":
+            raise AdtrError(f"{path}: a training checkpoint, not a finished model; run `adtr fit --resume`")
+        config = from_dict(ckpt["config"])
+        backbone = build_backbone(config.model, weights="none")
+        try:
+            backbone.body.load_state_dict(ckpt["backbone"])
+            model = build_model(config.model, backbone.out_channels)
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise AdtrError(f"{path}: weights do not fit the {config.model.backbone} model it names ({first})") from exc
+        device = torch.device(device) if device is not None else default_device()
+        return cls(config, ADTRDetector(backbone, model).to(device), ckpt["calibration"], device)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.model.image_size
+
+    @property
+    def threshold(self) -> float:
+        return float(self.calibration["threshold"])
+
+    def to_tensor(self, image: ImageInput) -> torch.Tensor:
+        """Any supported input -> (3, S, S) float in [0, 1]."""
+        if isinstance(image, (str, Path)):
+            pil = read_image(image)
+        elif isinstance(image, Image.Image):
+            pil = to_rgb(image)
+        elif isinstance(image, np.ndarray):
+            pil = array_to_pil(image)
+        else:
+            raise AdtrError(f"cannot predict on a {type(image).__name__}: give a path, PIL image or numpy array")
+        return image_to_tensor(pil, self.image_size)
+
+    @torch.no_grad()
+    def score_tensors(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) in [0, 1] -> maps (B, S, S) and scores (B,)."""
+        out = self.network(images.to(self.device))
+        size = (images.shape[-2], images.shape[-1])
+        pmap = pixel_anomaly_map(out.anomaly_map, size, self.config.score.sigma)
+        return pmap[:, 0].cpu(), image_score(pmap, self.config.score.pool_size).cpu()
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], threshold: float | None = None,
+                batch_size: int = 16) -> Prediction | list[Prediction]:
+        """Score one image (returns a :class:`Prediction`) or a sequence (returns a list)."""
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        thr = self.threshold if threshold is None else float(threshold)
+        results = []
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            maps, scores = self.score_tensors(torch.stack([self.to_tensor(x) for x in chunk]))
+            for item, amap, score in zip(chunk, maps, scores):
+                source = str(item) if isinstance(item, (str, Path)) else type(item).__name__
+                results.append(Prediction(float(score), thr, bool(score > thr), amap.numpy(), source))
+        return results[0] if single else results

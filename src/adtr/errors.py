@@ -1,0 +1,20 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad file, an empty folder, a checkpoint from another
+model) raises :class:`AdtrError` with a one-line message that names the file and
+what is wrong. The CLI prints it as ``error: <message>`` and exits with status 2;
+everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class AdtrError(Exception):
+    """A problem with the user's input, data, or run directory."""
+
+
+def file_error(path: str | Path, problem: str) -> AdtrError:
+    """Build the standard ``<path>: <problem>`` error."""
+    return AdtrError(f"{path}: {problem}")

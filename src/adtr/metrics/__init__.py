@@ -1,0 +1,8 @@
+"""Evaluation metrics: image/pixel AUROC, F1-max and MVTec AD AU-PRO."""
+
+from __future__ import annotations
+
+from adtr.metrics.aupro import aupro, pro_curve
+from adtr.metrics.auroc import f1_max, image_auroc, pixel_auroc
+
+__all__ = ["aupro", "f1_max", "image_auroc", "pixel_auroc", "pro_curve"]

@@ -1,0 +1,119 @@
+"""The ADTR model: features -> projection -> transformer -> reconstruction (section 3.1).
+
+The backbone is kept outside :class:`ADTR` so that training can run on cached
+features (the backbone is frozen, so its output for an image never changes).
+:class:`ADTRDetector` glues both together for inference and export.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from adtr.errors import AdtrError
+from adtr.models.backbone import FrozenBackbone
+from adtr.models.transformer import ReconstructionTransformer
+
+
+class ADTROutput(NamedTuple):
+    """Model outputs, the same in train and eval mode.
+
+    features: (B, C, h, w) target f. reconstruction: (B, C, h, w) f_hat.
+    anomaly_map: (B, 1, h, w) s(u) = ||f(u) - f_hat(u)||_2 (Eq. 2-3), on the feature grid.
+    """
+
+    features: torch.Tensor
+    reconstruction: torch.Tensor
+    anomaly_map: torch.Tensor
+
+
+class ADTR(nn.Module):
+    """Reconstruct a (B, C, h, w) feature map from normal data only.
+
+    Args:
+        in_channels: C, channels of the concatenated backbone stages.
+        grid_size: h = w, side of the feature grid; fixes the number of tokens.
+        dim, num_heads, num_encoder_layers, num_decoder_layers, ffn_dim, dropout:
+            transformer sizes (paper: 256, 8, 4, 4, 1024).
+        error_space: ``features`` measures the error in the backbone's own units, as
+            Eq. 1-3 do; ``standardized`` divides each channel's error by its training
+            standard deviation, so every channel weighs the same.
+
+    The buffers ``feature_mean`` and ``feature_std`` (per channel, set from the
+    training features by :meth:`set_feature_stats`) standardise the transformer's
+    input and de-standardise its output. With ``error_space='features'`` this is a
+    reparametrisation that leaves the model's function class and the loss unchanged,
+    but the projections no longer have to learn feature scales of 5-30 from unit-scale
+    LayerNorm outputs, which is what made the paper's schedule so slow.
+    """
+
+    def __init__(self, in_channels: int, grid_size: int, dim: int = 256, num_heads: int = 8,
+                 num_encoder_layers: int = 4, num_decoder_layers: int = 4, ffn_dim: int = 1024,
+                 dropout: float = 0.1, error_space: str = "features") -> None:
+        super().__init__()
+        if error_space not in ("features", "standardized"):
+            raise ValueError(f"error_space must be 'features' or 'standardized', not {error_space!r}")
+        self.grid_size = grid_size
+        self.error_space = error_space
+        self.register_buffer("feature_mean", torch.zeros(1, in_channels, 1, 1))
+        self.register_buffer("feature_std", torch.ones(1, in_channels, 1, 1))
+        self.input_proj = nn.Conv2d(in_channels, dim, kernel_size=1)
+        self.output_proj = nn.Conv2d(dim, in_channels, kernel_size=1)
+        num_tokens = grid_size * grid_size
+        self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
+        self.query_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
+        nn.init.uniform_(self.pos_embed)  # DETR's nn.Embedding-style tables, init as in its learned PE
+        nn.init.normal_(self.query_embed)
+        self.transformer = ReconstructionTransformer(
+            dim, num_heads, num_encoder_layers, num_decoder_layers, ffn_dim, dropout)
+
+    @torch.no_grad()
+    def set_feature_stats(self, features: torch.Tensor) -> None:
+        """Per-channel mean and std of training features (N, C, h, w), computed in chunks."""
+        n, total, total_sq = 0, 0.0, 0.0
+        for i in range(0, len(features), 64):
+            x = features[i:i + 64].double()
+            total = total + x.sum(dim=(0, 2, 3))
+            total_sq = total_sq + x.pow(2).sum(dim=(0, 2, 3))
+            n += x.shape[0] * x.shape[2] * x.shape[3]
+        mean = total / n
+        std = (total_sq / n - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-3)
+        self.feature_mean.copy_(mean.view(1, -1, 1, 1))
+        self.feature_std.copy_(std.view(1, -1, 1, 1))
+
+    def forward(self, features: torch.Tensor) -> ADTROutput:
+        """features (B, C, h, w) -> :class:`ADTROutput`."""
+        b, c, h, w = features.shape
+        if (h, w) != (self.grid_size, self.grid_size):
+            raise AdtrError(
+                f"feature grid {h}x{w} does not match the model's {self.grid_size}x{self.grid_size}: "
+                f"use the image size the model was trained with")
+        x = self.input_proj((features - self.feature_mean) / self.feature_std)  # (B, D, h, w)
+        tokens = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
+        out = self.transformer(tokens, self.pos_embed, self.query_embed)  # (B, h*w, D)
+        out = out.transpose(1, 2).reshape(b, -1, h, w)  # (B, D, h, w)
+        recon = self.output_proj(out) * self.feature_std + self.feature_mean  # (B, C, h, w)
+        diff = (features - recon).float()
+        if self.error_space == "standardized":
+            diff = diff / self.feature_std
+        amap = torch.linalg.vector_norm(diff, dim=1, keepdim=True)  # (B, 1, h, w)
+        return ADTROutput(features, recon, amap)
+
+
+def reconstruction_loss(output: ADTROutput) -> torch.Tensor:
+    """L_norm (Eq. 1): ||f - f_hat||^2 per grid cell (the squared anomaly map), averaged."""
+    return output.anomaly_map.pow(2).mean()
+
+
+class ADTRDetector(nn.Module):
+    """Backbone + ADTR: images (B, 3, H, W) in [0, 1] -> :class:`ADTROutput`."""
+
+    def __init__(self, backbone: FrozenBackbone, model: ADTR) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> ADTROutput:
+        return self.model(self.backbone(images))

@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny generated MVTec-layout dataset and small CPU configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from adtr.config import RunConfig, with_overrides
+from adtr.synthetic import make_dataset
+
+torch.set_num_threads(2)
+
+MVTEC_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mvtec_ad"
+
+
+@pytest.fixture(scope="session")
+def tiny_category(tmp_path_factory) -> Path:
+    """A 64 px fabric dataset: 12 train, 4 good + 2x4 defective test images."""
+    root = tmp_path_factory.mktemp("tiny")
+    return make_dataset(root, "fabric", size=64, n_train=12, n_test_good=4, n_test_defect=2, seed=1)
+
+
+def tiny_config(**train) -> RunConfig:
+    """64 px input, 4x4 grid, a few epochs: seconds on a CPU."""
+    cfg = with_overrides(RunConfig(), "model", image_size=64, weights="none")
+    return with_overrides(cfg, "train", **{"epochs": 3, "batch_size": 4, "lr": 5e-4, **train})
+
+
+TINY_FIT_ARGS = ["--image-size", "64", "--weights", "none", "--epochs", "3", "--batch-size", "4"]

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adtr.errors import AdtrError
+from adtr.models.backbone import FrozenBackbone, create_classifier, map_state_dict_in_order
+
+
+def test_channels_and_grid_match_output():
+    bb = FrozenBackbone("tf_efficientnet_lite0", weights="none", stages=(0, 2, 4), grid_stride=16)
+    out = bb(torch.rand(2, 3, 128, 128))
+    assert bb.channels == (16, 40, 320)
+    assert bb.reductions == (2, 8, 32)
+    assert out.shape == (2, 16 + 40 + 320, 8, 8)
+    assert bb.grid_size(128) == 8
+
+
+def test_frozen_and_always_eval():
+    bb = FrozenBackbone("tf_efficientnet_lite0", weights="none", stages=(0, 1))
+    bb.train()
+    assert not bb.training and not any(m.training for m in bb.modules())
+    assert not any(p.requires_grad for p in bb.parameters())
+    running = [m.running_mean.clone() for m in bb.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    bb(torch.rand(2, 3, 64, 64) * 5)
+    after = [m.running_mean for m in bb.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(running, after))
+
+
+def test_bad_stage_and_stride_are_clear_errors():
+    with pytest.raises(AdtrError, match="stages"):
+        FrozenBackbone("tf_efficientnet_lite0", weights="none", stages=(7,))
+    bb = FrozenBackbone("tf_efficientnet_lite0", weights="none", stages=(0,))
+    with pytest.raises(AdtrError, match="multiple"):
+        bb.grid_size(100)
+
+
+def test_unknown_model_and_unpackaged_weights():
+    with pytest.raises(AdtrError, match="unknown timm backbone"):
+        create_classifier("no_such_net", "none")
+    with pytest.raises(AdtrError, match="no packaged weights"):
+        create_classifier("resnet18", "packaged")
+
+
+def test_in_order_mapping_checks_shapes():
+    src = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
+    assert list(map_state_dict_in_order(src, {"x": torch.ones(2, 3), "y": torch.ones(4)})) == ["x", "y"]
+    with pytest.raises(AdtrError, match="does not fit"):
+        map_state_dict_in_order(src, {"x": torch.ones(4), "y": torch.ones(2, 3)})
+    with pytest.raises(AdtrError, match="tensors"):
+        map_state_dict_in_order(src, {"x": torch.ones(2, 3)})
+
+
+def test_local_weight_file(tmp_path):
+    net = create_classifier("tf_efficientnet_lite0", "none")
+    path = tmp_path / "w.pth"
+    torch.save(net.state_dict(), path)
+    bb = FrozenBackbone("tf_efficientnet_lite0", weights=str(path), stages=(0,))
+    assert torch.equal(bb.body.conv_stem.weight, net.conv_stem.weight)
+    with pytest.raises(AdtrError, match="not found"):
+        FrozenBackbone("tf_efficientnet_lite0", weights=str(tmp_path / "missing.pth"))
+
+
+def test_packaged_weights_classify_real_photos():
+    """The packaged weights are real ImageNet weights: scikit-image's photos are classified right."""
+    skdata = pytest.importorskip("skimage.data")
+    net = create_classifier("tf_efficientnet_lite0", "packaged").eval()
+    cfg = net.pretrained_cfg
+    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    hits = 0
+    for image, classes in [(skdata.chelsea(), range(281, 286)), (skdata.coffee(), [967])]:
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+        with torch.no_grad():
+            top = int(net((x - mean) / std).argmax())
+        hits += top in classes
+    assert hits == 2

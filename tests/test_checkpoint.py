@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from adtr import checkpoint as ckpt_io
+from adtr.errors import AdtrError
+
+
+def test_atomic_save_roundtrip_and_no_leftovers(tmp_path):
+    path = tmp_path / "run" / "x.pt"
+    ckpt_io.atomic_save({"format_version": ckpt_io.FORMAT_VERSION, "w": torch.ones(3)}, path)
+    assert torch.equal(ckpt_io.load_checkpoint(path)["w"], torch.ones(3))
+    assert [p.name for p in path.parent.iterdir()] == ["x.pt"]
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "x.pt"
+    ckpt_io.atomic_save({"format_version": ckpt_io.FORMAT_VERSION, "v": 1}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        ckpt_io.atomic_save({"format_version": ckpt_io.FORMAT_VERSION, "v": Boom()}, path)
+    assert ckpt_io.load_checkpoint(path)["v"] == 1
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+class _Payload:
+    """Pickled, this would create a marker file when loaded with full unpickling."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        torch.save({"format_version": 1, "x": _Payload(marker)}, fh, pickle_module=pickle)
+    with pytest.raises(AdtrError, match="refused"):
+        ckpt_io.load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_garbage_version_and_missing_files(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(AdtrError, match="bad.pt: cannot load checkpoint"):
+        ckpt_io.load_checkpoint(bad)
+    old = tmp_path / "old.pt"
+    torch.save({"format_version": 99}, old)
+    with pytest.raises(AdtrError, match="format 99 is not supported"):
+        ckpt_io.load_checkpoint(old)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.ones(1)}, plain)
+    with pytest.raises(AdtrError, match="not an adtr checkpoint"):
+        ckpt_io.load_checkpoint(plain)
+    with pytest.raises(AdtrError, match="not an adtr run"):
+        ckpt_io.find_run_file(tmp_path)
+
+
+def test_compatibility_check_names_the_difference(tmp_path):
+    ckpt = {"config": {"model": {"backbone": "tf_efficientnet_lite0", "image_size": 256}}}
+    with pytest.raises(AdtrError, match="trained with backbone tf_efficientnet_lite0, not resnet18"):
+        ckpt_io.check_compatible(ckpt, tmp_path / "m.pt", backbone="resnet18")
+    with pytest.raises(AdtrError, match="expects 256px images, not 128px"):
+        ckpt_io.check_compatible(ckpt, tmp_path / "m.pt", image_size=128)

@@ -1,0 +1,143 @@
+"""Every CLI verb on a tiny generated dataset, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from adtr import checkpoint as ckpt_io
+from adtr.cli import main
+
+from conftest import TINY_FIT_ARGS
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_category, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["fit", str(tiny_category), "--out", str(run), *TINY_FIT_ARGS]) == 0
+    return run
+
+
+def error_of(capsys, argv: list[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_fit_test_predict(tiny_run, tiny_category, tmp_path, capsys):
+    assert (tiny_run / "model.pt").is_file()
+    assert main(["test", str(tiny_run), "--data", str(tiny_category), "--out", str(tmp_path / "t")]) == 0
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "fpr_at_threshold"):
+        assert 0.0 <= metrics["metrics"][key] <= 1.0
+    assert set(metrics["per_type"]) == {"crack", "hole", "scratch", "spot"}
+    out = tmp_path / "p"
+    assert main(["predict", str(tiny_run), str(tiny_category / "test" / "good"),
+                 str(tiny_category / "test" / "hole" / "*.png"), "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert len(rows) == 6 and {r["label"] for r in rows} <= {"good", "anomalous"}
+    assert (out / "results.csv").read_text().splitlines()[0] == "image,score,threshold,label"
+    overlays = sorted((out / "overlays").glob("*.png"))
+    assert len(overlays) == 6 and Image.open(overlays[0]).size == (64 * 3 + 8, 64)
+    assert "6 images" in capsys.readouterr().out
+
+
+def test_plain_folder_layout(tiny_category, tmp_path):
+    good = tmp_path / "good_parts"
+    shutil.copytree(tiny_category / "train" / "good", good)
+    test = tmp_path / "new"
+    shutil.copytree(tiny_category / "test", test)
+    masks = tmp_path / "masks"
+    shutil.copytree(tiny_category / "ground_truth", masks)
+    run = tmp_path / "run"
+    assert main(["fit", str(good), "--out", str(run), *TINY_FIT_ARGS, "--epochs", "1"]) == 0
+    assert main(["test", str(run), "--data", str(test), "--masks", str(masks), "--out", str(tmp_path / "t")]) == 0
+    assert json.loads((tmp_path / "t" / "metrics.json").read_text())["metrics"]["pixel_auroc"] is not None
+    # Without masks the pixel metrics are absent, not zero.
+    assert main(["test", str(run), "--data", str(test), "--out", str(tmp_path / "t2")]) == 0
+    m = json.loads((tmp_path / "t2" / "metrics.json").read_text())["metrics"]
+    assert m["pixel_auroc"] is None and m["aupro"] is None and m["image_auroc"] is not None
+
+
+def test_bad_inputs_give_one_line_errors(tiny_run, tiny_category, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "empty" in error_of(capsys, ["fit", str(empty), "--out", str(tmp_path / "r1"), *TINY_FIT_ARGS])
+    assert not (tmp_path / "r1").exists()
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "readme.txt").write_text("hello")
+    assert "notes" in error_of(capsys, ["fit", str(notes), "--out", str(tmp_path / "r2"), *TINY_FIT_ARGS])
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_category / "train" / "good", corrupt)
+    (corrupt / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    assert "broken.png" in error_of(capsys, ["fit", str(corrupt), "--out", str(tmp_path / "r3"), *TINY_FIT_ARGS])
+    assert not (tmp_path / "r3").exists()
+
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    assert "fake.png" in error_of(capsys, ["predict", str(tiny_run), str(fake), "--out", str(tmp_path / "p")])
+    assert not (tmp_path / "p").exists()
+
+    orphan = tmp_path / "orphan"
+    shutil.copytree(tiny_category, orphan / "cat")
+    (orphan / "cat" / "ground_truth" / "hole" / "999_mask.png").write_bytes(
+        (orphan / "cat" / "ground_truth" / "hole" / "000_mask.png").read_bytes())
+    assert "999_mask.png" in error_of(capsys, ["test", str(tiny_run), "--data", str(orphan / "cat")])
+
+    assert "no such file" in error_of(capsys, ["predict", str(tiny_run), str(tmp_path / "nope*.png")])
+
+
+def test_checkpoint_from_another_backbone(tiny_run, tmp_path, capsys):
+    ckpt = ckpt_io.load_checkpoint(tiny_run / "model.pt")
+    ckpt["config"]["model"]["backbone"] = "resnet18"
+    other = tmp_path / "other"
+    ckpt_io.atomic_save(ckpt, other / "model.pt")
+    err = error_of(capsys, ["predict", str(other), str(tiny_run)])
+    assert "model.pt" in err and "resnet18" in err
+
+
+def test_resume_refuses_other_backbone(tiny_category, tmp_path, capsys):
+    run = tmp_path / "run"
+    ckpt_io.atomic_save({"format_version": ckpt_io.FORMAT_VERSION,
+                         "config": {"model": {"backbone": "tf_efficientnet_lite0", "image_size": 64}}},
+                        run / "last.pt")
+    err = error_of(capsys, ["fit", str(tiny_category), "--out", str(run), "--resume", "--backbone", "resnet18"])
+    assert "last.pt" in err and "resnet18" in err
+
+
+def test_console_script_exit_status(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "adtr.cli", "predict", str(tmp_path), "x.png"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: ") and "not an adtr run" in proc.stderr
+
+
+def test_python_api_mirrors_cli(tiny_run, tiny_category):
+    import numpy as np
+
+    from adtr import Detector
+
+    det = Detector.load(tiny_run, device="cpu")
+    path = sorted((tiny_category / "test" / "hole").glob("*.png"))[0]
+    r_path = det.predict(path)
+    r_pil = det.predict(Image.open(path))
+    r_arr = det.predict(np.asarray(Image.open(path).convert("RGB")))
+    assert r_path.anomaly_map.shape == (64, 64)
+    assert r_path.score == pytest.approx(r_pil.score, rel=1e-5) == pytest.approx(r_arr.score, rel=1e-5)
+    batch = det.predict([path, path])
+    assert len(batch) == 2 and batch[0].score == pytest.approx(r_path.score, rel=1e-5)
+    assert r_path.is_anomalous == (r_path.score > det.threshold)
+    with torch.no_grad():
+        assert det.predict(path, threshold=-1.0).is_anomalous

@@ -1,0 +1,177 @@
+"""Tests for adtr.metrics: AUROC, F1-max and AU-PRO against independent references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import f1_score, roc_auc_score
+
+from adtr.errors import AdtrError
+from adtr.metrics import aupro, f1_max, image_auroc, pixel_auroc, pro_curve
+
+
+# ---------------------------------------------------------------- AUROC / F1
+
+
+def test_image_auroc_matches_sklearn_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    scores = np.round(rng.normal(size=200) + 0.7 * labels, 1)  # rounding -> ties
+    assert image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_image_auroc_perfect_and_inverted_not_flipped() -> None:
+    labels = np.array([0, 0, 0, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.8, 0.9])
+    assert image_auroc(labels, scores) == 1.0
+    assert image_auroc(labels, -scores) == 0.0
+    assert image_auroc(labels, np.ones(5)) == 0.5
+
+
+@pytest.mark.parametrize("labels", [[0, 0, 0], [1, 1, 1]])
+def test_image_auroc_single_class_raises(labels: list[int]) -> None:
+    with pytest.raises(AdtrError, match="both normal and anomalous"):
+        image_auroc(labels, [0.1, 0.2, 0.3])
+
+
+def test_image_auroc_rejects_bad_input() -> None:
+    with pytest.raises(AdtrError):
+        image_auroc([0, 1, 2], [0.1, 0.2, 0.3])
+    with pytest.raises(AdtrError):
+        image_auroc([0, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(AdtrError):
+        image_auroc([0, 1], [0.1, np.nan])
+
+
+def test_pixel_auroc_matches_sklearn_on_flattened() -> None:
+    rng = np.random.default_rng(1)
+    masks = rng.random((4, 16, 16)) > 0.8
+    maps = (rng.random((4, 16, 16)) + 0.5 * masks).astype(np.float32)
+    maps = np.round(maps, 2)
+    expected = roc_auc_score(masks.ravel(), maps.ravel())
+    assert pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-9)
+    assert pixel_auroc(masks.astype(np.uint8), maps) == pytest.approx(expected, abs=1e-9)
+
+
+def test_pixel_auroc_single_class_and_shape_errors() -> None:
+    with pytest.raises(AdtrError, match="pixel AUROC"):
+        pixel_auroc(np.zeros((2, 4, 4)), np.random.rand(2, 4, 4))
+    with pytest.raises(AdtrError, match="does not match"):
+        pixel_auroc(np.zeros((2, 4, 4)), np.random.rand(2, 4, 5))
+    with pytest.raises(AdtrError, match=r"\(N, H, W\)"):
+        pixel_auroc(np.zeros((4, 4)), np.random.rand(4, 4))
+
+
+def test_f1_max_matches_brute_force() -> None:
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 150)
+    scores = np.round(rng.normal(size=150) + labels, 1)
+    best = max(f1_score(labels, scores >= t) for t in np.unique(scores))
+    f1, thr = f1_max(labels, scores)
+    assert f1 == pytest.approx(best, abs=1e-12)
+    assert f1_score(labels, scores >= thr) == pytest.approx(best, abs=1e-12)
+
+
+def test_f1_max_perfect_and_no_positive() -> None:
+    f1, thr = f1_max([0, 0, 1, 1], [0.1, 0.2, 0.7, 0.9])
+    assert f1 == 1.0 and 0.2 < thr <= 0.7
+    with pytest.raises(AdtrError, match="no anomalous"):
+        f1_max([0, 0], [0.1, 0.2])
+
+
+# ---------------------------------------------------------------- AU-PRO
+
+
+def reference_aupro(masks: np.ndarray, maps: np.ndarray, limit: float = 0.3) -> float:
+    """Slow, obvious AU-PRO: one threshold per unique score, then np.trapezoid."""
+    masks = masks.astype(bool)
+    regions = []
+    for i in range(len(masks)):
+        lab, n = ndimage.label(masks[i], structure=np.ones((3, 3)))
+        regions += [(i, lab == k) for k in range(1, n + 1)]
+    fprs, pros = [0.0], [0.0]
+    for t in np.unique(maps)[::-1]:
+        pred = maps >= t
+        fprs.append(pred[~masks].mean())
+        pros.append(np.mean([pred[i][r].mean() for i, r in regions]))
+    fprs.append(1.0)
+    pros.append(1.0)
+    x, y = np.array(fprs), np.array(pros)
+    assert np.all(np.diff(x) >= 0)
+    inside = x <= limit
+    if inside.all():  # limit == 1: the whole curve
+        return float(np.trapezoid(y, x) / limit)
+    j = np.argmax(x > limit)  # first point past the limit
+    y_lim = np.interp(limit, x[j - 1 : j + 1], y[j - 1 : j + 1])
+    xs = np.append(x[inside], limit)
+    ys = np.append(y[inside], y_lim)
+    return float(np.trapezoid(ys, xs) / limit)
+
+
+def test_aupro_hand_computed_with_tie() -> None:
+    # Image A: region R1 = {(0,0): .9, (0,1): .3}, size 2; normals .6, .1.
+    # Image B: region R2 = {(0,0): .8}, size 1; normals .3, .2, .1.  5 normals.
+    # Thresholds (score >= t), points (FPR, PRO):
+    #   .9 -> (0, .25)   .8 -> (0, .75)   .6 -> (.2, .75)
+    #   .3 -> (.4, 1.0)  (tie: a normal and R1's 2nd pixel move together)
+    #   .2 -> (.6, 1)    .1 -> (1, 1)
+    # Area to .3: .2*.75 + .1*(.75 + .875)/2 = .15 + .08125 = .23125
+    # AU-PRO = .23125 / .3 = 0.7708333...
+    masks = np.array([[[1, 1], [0, 0]], [[1, 0], [0, 0]]])
+    maps = np.array([[[0.9, 0.3], [0.6, 0.1]], [[0.8, 0.3], [0.2, 0.1]]])
+    assert aupro(masks, maps) == pytest.approx(0.23125 / 0.3, abs=1e-12)
+    fprs, pros = pro_curve(masks, maps)
+    np.testing.assert_allclose(fprs, [0, 0, 0, 0.2, 0.4, 0.6, 1, 1])
+    np.testing.assert_allclose(pros, [0, 0.25, 0.75, 0.75, 1, 1, 1, 1])
+
+
+def test_aupro_uses_8_connectivity() -> None:
+    # Mask pixels (0,0), (0,1), (1,2): one 8-connected region of size 3
+    # (two regions under 4-connectivity). Only (1,2) scores high.
+    # Curve: (0,0), (0,1/3), (1,1) -> PRO(.3) = 1/3 + .3*2/3 = 8/15,
+    # AU-PRO = (1/3 + 8/15) / 2 = 13/30 (4-connectivity would give .575).
+    masks = np.zeros((1, 3, 3), dtype=bool)
+    masks[0, 0, 0] = masks[0, 0, 1] = masks[0, 1, 2] = True
+    maps = np.zeros((1, 3, 3))
+    maps[0, 1, 2] = 1.0
+    assert aupro(masks, maps) == pytest.approx(13 / 30, abs=1e-12)
+
+
+def test_aupro_perfect_map_is_one() -> None:
+    rng = np.random.default_rng(3)
+    masks = ndimage.gaussian_filter(rng.random((3, 20, 20)), (0, 2, 2)) > 0.53
+    assert masks.any() and not masks.all()
+    assert aupro(masks, masks.astype(float)) == pytest.approx(1.0, abs=1e-12)
+    assert aupro(masks, -masks.astype(float)) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [4, 5, 6])
+@pytest.mark.parametrize("limit", [0.3, 0.05, 1.0])
+def test_aupro_matches_reference(seed: int, limit: float) -> None:
+    rng = np.random.default_rng(seed)
+    masks = ndimage.gaussian_filter(rng.random((3, 16, 16)), (0, 1.5, 1.5)) > 0.52
+    masks[2] = False  # an all-normal image must also be handled
+    maps = np.round(rng.random(masks.shape) + 0.4 * masks, 2)  # rounding -> ties
+    got = aupro(masks, maps, fpr_limit=limit)
+    assert got == pytest.approx(reference_aupro(masks, maps, limit), abs=1e-9)
+    assert 0.0 <= got <= 1.0
+
+
+def test_aupro_in_unit_interval_for_random_maps() -> None:
+    rng = np.random.default_rng(7)
+    masks = rng.random((5, 12, 12)) > 0.9
+    for _ in range(5):
+        value = aupro(masks, rng.normal(size=masks.shape))
+        assert 0.0 <= value <= 1.0
+
+
+def test_aupro_errors() -> None:
+    with pytest.raises(AdtrError, match="no anomalous region"):
+        aupro(np.zeros((2, 4, 4)), np.random.rand(2, 4, 4))
+    with pytest.raises(AdtrError, match="no normal pixel"):
+        aupro(np.ones((1, 4, 4)), np.random.rand(1, 4, 4))
+    with pytest.raises(AdtrError, match="fpr_limit"):
+        aupro(np.eye(4)[None], np.random.rand(1, 4, 4), fpr_limit=0.0)
+    with pytest.raises(AdtrError, match="0/1"):
+        aupro(np.full((1, 4, 4), 255), np.random.rand(1, 4, 4))

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from adtr.postprocess import gaussian_blur, image_score, pixel_anomaly_map, quantile_threshold
+
+
+@pytest.mark.parametrize("sigma", [1.0, 4.0])
+def test_blur_matches_scipy(sigma):
+    x = torch.rand(1, 1, 40, 33)
+    ours = gaussian_blur(x, sigma)[0, 0].numpy()
+    ref = ndimage.gaussian_filter(x[0, 0].numpy().astype(np.float64), sigma, mode="mirror", truncate=4.0)
+    assert np.allclose(ours, ref, atol=1e-5)
+
+
+def test_blur_off_and_tiny_maps():
+    x = torch.rand(2, 1, 3, 3)
+    assert torch.equal(gaussian_blur(x, 0.0), x)
+    assert gaussian_blur(x, 4.0).shape == x.shape
+
+
+def test_pixel_map_upsamples_to_image_size():
+    grid = torch.zeros(1, 1, 4, 4)
+    grid[0, 0, 1, 2] = 1.0
+    m = pixel_anomaly_map(grid, (64, 64), sigma=0.0)
+    assert m.shape == (1, 1, 64, 64)
+    y, x = np.unravel_index(int(m.flatten().argmax()), (64, 64))
+    assert 16 <= y < 32 and 32 <= x < 48
+
+
+def test_image_score_is_max_of_average_pooled_map():
+    m = torch.zeros(2, 1, 32, 32)
+    m[0, 0, 5, 5] = 16.0  # one hot pixel: pooled over 4x4 -> 1.0
+    m[1, 0, 10:14, 10:14] = 2.0  # a 4x4 patch of 2 -> 2.0
+    s = image_score(m, pool_size=4)
+    assert torch.allclose(s, torch.tensor([1.0, 2.0]))
+    assert torch.allclose(image_score(m, pool_size=1), torch.tensor([16.0, 2.0]))
+
+
+def test_quantile_threshold():
+    scores = torch.arange(101, dtype=torch.float32)
+    assert quantile_threshold(scores, 0.01) == pytest.approx(99.0)
+    assert quantile_threshold(torch.empty(0), 0.01) == float("inf")
