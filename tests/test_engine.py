@@ -5,7 +5,7 @@ import torch
 
 from adtr import checkpoint as ckpt_io
 from adtr.data import index_mvtec
-from adtr.engine import batch_order, fit, lr_factor, split_train_val
+from adtr.engine import autocast, batch_order, fit, lr_factor, resolve_precision, split_train_val
 from adtr.errors import AdtrError
 
 from conftest import tiny_config
@@ -75,3 +75,28 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_category, tmp_path
 def test_resume_without_checkpoint_is_an_error(tmp_path, tiny_category):
     with pytest.raises(AdtrError, match="nothing to resume"):
         fit(tiny_config(), [], tmp_path / "none", resume=True)
+
+
+def test_precision_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    assert resolve_precision("auto", cpu) in ("fp32", "bf16")
+    with pytest.raises(AdtrError, match="unknown precision"):
+        autocast("fp16x", cpu)
+
+
+def test_time_budget_limits_epochs(tiny_category, tmp_path):
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    result = fit(tiny_config(epochs=10_000, max_minutes=0.02), samples, tmp_path / "r")
+    assert 1 <= result.epochs < 10_000
+
+
+def test_best_validation_epoch_is_selected(tiny_category, tmp_path):
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    result = fit(tiny_config(epochs=4, lr=3e-3), samples, tmp_path / "best")
+    val = [h["val_loss"] for h in result.history]
+    assert result.selected_epoch == 1 + val.index(min(val))
+    ckpt = ckpt_io.load_checkpoint(tmp_path / "best" / "model.pt")
+    assert ckpt["calibration"]["selected_epoch"] == result.selected_epoch
+    last = fit(tiny_config(epochs=4, lr=3e-3, select="last"), samples, tmp_path / "last")
+    assert last.selected_epoch == 4

@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from adtr import __version__
 from adtr.checkpoint import atomic_write_bytes
 from adtr.config import RunConfig, with_overrides
 from adtr.errors import AdtrError
@@ -50,7 +51,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg = with_overrides(cfg, "train", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, schedule=args.schedule, grad_clip=args.grad_clip,
                          val_fraction=args.val_fraction, seed=args.seed, precision=args.precision,
-                         max_minutes=args.max_minutes, feature_cache=args.feature_cache)
+                         max_minutes=args.max_minutes, feature_cache=args.feature_cache, select=args.select,
+                         patience=args.patience)
     return with_overrides(cfg, "score", sigma=args.sigma, pool_size=args.pool_size, target_fpr=args.target_fpr)
 
 
@@ -169,20 +171,24 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, help="transformer dropout (default 0)")
     g.add_argument("--error-space", choices=["features", "standardized"], help="where the error is measured")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, help="maximum epochs (default 200)")
+    g.add_argument("--epochs", type=int, help="epochs (default 60; paper: 500)")
     g.add_argument("--max-minutes", type=float, help="wall-clock budget; epochs are fitted to it (default none)")
-    g.add_argument("--batch-size", type=int, help="default 16")
-    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--batch-size", type=int, help="default 8 (paper: 16)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 5e-4; paper: 1e-4 with --schedule step)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
     g.add_argument("--schedule", choices=["warmup-cosine", "step"], help="learning-rate schedule")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (default off)")
     g.add_argument("--val-fraction", type=float, help="good images held out for calibration (default 0.1)")
     g.add_argument("--seed", type=int, help="random seed (default 0)")
-    g.add_argument("--precision", choices=["fp32", "bf16"], help="transformer precision in training")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="transformer precision in training (default auto: bf16 on AMX/AVX512-BF16 CPUs and GPUs)")
+    g.add_argument("--select", choices=["best-val", "last"],
+                   help="keep the epoch with the lowest held-out loss (default) or the last one")
+    g.add_argument("--patience", type=int, help="stop after N epochs without validation improvement (default 0: off)")
     g.add_argument("--feature-cache", choices=["auto", "memory", "disk"], help="where cached features live")
     g = p.add_argument_group("scoring")
     g.add_argument("--sigma", type=float, help="Gaussian smoothing of maps in pixels (default 4, 0 = off)")
-    g.add_argument("--pool-size", type=int, help="average-pool window for the image score (default 16)")
+    g.add_argument("--pool-size", type=int, help="average-pool window in pixels for the image score (default 32)")
     g.add_argument("--target-fpr", type=float, help="false-positive rate on held-out good images (default 0.01)")
 
 
@@ -190,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adtr", description="ADTR anomaly detection: fit on good images, "
                                      "test, predict.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"adtr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fit", help="train on good images")
     p.add_argument("data", nargs="?", type=Path,

@@ -36,16 +36,18 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation of L_norm (Eq. 1)."""
 
-    epochs: int = 200
-    batch_size: int = 16
-    lr: float = 1e-4  # paper
+    epochs: int = 60  # ours: with best-val selection; about 10 min per MVTec category on 2 CPU cores (paper: 500)
+    batch_size: int = 8  # ours: twice the updates per epoch, faster to the same quality (paper: 16)
+    lr: float = 5e-4  # ours, with warmup-cosine (paper: 1e-4 with its step schedule)
     weight_decay: float = 1e-4  # paper
     schedule: str = "warmup-cosine"  # warmup-cosine (ours, fast) | step (paper: x0.1 at 80%)
     warmup_fraction: float = 0.05
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     val_fraction: float = 0.1  # held-out good images for monitoring and calibration
     seed: int = 0
-    precision: str = "fp32"  # fp32 | bf16 (autocast for the transformer)
+    precision: str = "auto"  # auto (bf16 where the hardware has fast bf16) | fp32 | bf16; training only
+    select: str = "best-val"  # best-val (lowest held-out L_norm; ours) | last (the paper's final epoch)
+    patience: int = 0  # stop after this many epochs without a better validation loss; 0 = never
     max_minutes: float = 0.0  # wall-clock budget for the epochs; 0 = none
     feature_cache: str = "auto"  # auto | memory | disk
 
@@ -55,7 +57,7 @@ class ScoreConfig:
     """Anomaly map and image score (Eq. 2-3)."""
 
     sigma: float = 4.0  # Gaussian smoothing of the upsampled map, pixels; 0 = off
-    pool_size: int = 16  # average-pool window for the image score (UniAD's MVTec choice)
+    pool_size: int = 32  # average-pool window (px) for the image score: 2x2 cells of the 16 px grid
     target_fpr: float = 0.01  # image threshold: this quantile of held-out good scores
 
 

@@ -19,16 +19,20 @@ from adtr.synthetic import make_dataset
 from adtr.visualize import montage, overlay_panel, save_png
 
 
-def run_demo(out: Path, minutes: float = 2.0, seed: int = 0, category: str = "fabric") -> dict:
-    """Run the whole pipeline into ``out``; returns the test metrics."""
+def run_demo(out: Path, minutes: float = 2.0, seed: int = 0, category: str = "fabric", size: int = 256,
+             n_train: int = 60, config: RunConfig | None = None) -> dict:
+    """Run the whole pipeline into ``out``; returns the test metrics.
+
+    ``size``, ``n_train`` and ``config`` exist so tests can run a miniature demo.
+    """
     out = Path(out)
     t0 = time.perf_counter()
     print(f"[1/4] generating a synthetic '{category}' dataset in {out / 'data'}")
-    cat_dir = make_dataset(out / "data", category, seed=seed)
+    cat_dir = make_dataset(out / "data", category, size=size, n_train=n_train, seed=seed)
     train = index_mvtec(cat_dir.parent, cat_dir.name, "train")
     test = index_mvtec(cat_dir.parent, cat_dir.name, "test")
     print(f"[2/4] fitting on {len(train)} good images ({minutes:g} min budget)")
-    cfg = with_overrides(RunConfig(), "train", max_minutes=minutes, seed=seed)
+    cfg = with_overrides(config or RunConfig(), "train", max_minutes=minutes, seed=seed)
     run_dir = out / "run"
     if (run_dir / "model.pt").exists():
         print(f"      reusing the finished run in {run_dir}")

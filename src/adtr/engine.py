@@ -77,12 +77,30 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
     raise AdtrError(f"unknown schedule {schedule!r} (use warmup-cosine or step)")
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 pays off on GPUs that support it and on CPUs with AMX or AVX-512-BF16 units."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where it is fast on this hardware, else ``fp32``."""
+    if precision == "auto":
+        return "bf16" if bf16_is_fast(device) else "fp32"
+    return precision
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast context for the transformer (``fp32`` is the reference: no autocast)."""
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    raise AdtrError(f"unknown precision {precision!r} (use fp32 or bf16)")
+    raise AdtrError(f"unknown precision {precision!r} (use auto, fp32 or bf16)")
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
@@ -132,6 +150,7 @@ class FitResult:
     seconds: float
     history: list[dict[str, float]]
     threshold: float
+    selected_epoch: int
 
 
 def estimate_epochs(model: ADTR, feats: torch.Tensor, cfg: TrainConfig, device: torch.device) -> int:
@@ -192,11 +211,14 @@ def fit(config: RunConfig, samples: Sequence[Sample], run_dir: Path, resume: boo
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     history: list[dict[str, float]] = []
+    # The model with the lowest held-out reconstruction error (Eq. 1 on good images only):
+    # past it the transformer starts to memorise the training images and detection degrades.
+    best: dict[str, Any] = {"epoch": 0, "val_loss": math.inf, "model": None}
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         epochs, start_epoch, history = state["epochs"], state["epoch"], state["history"]
-        train_seconds = state["train_seconds"]
+        train_seconds, best = state["train_seconds"], state["best"]
     else:
         epochs, start_epoch, train_seconds = estimate_epochs(model, train_feats, tc, device), 0, 0.0
     steps_per_epoch = len(batch_order(len(train_feats), tc.batch_size, tc.seed, 0))
@@ -231,6 +253,9 @@ def fit(config: RunConfig, samples: Sequence[Sample], run_dir: Path, resume: boo
                   "seconds": train_seconds}
         if val_feats is not None:
             record["val_loss"] = mean_loss(model, val_feats, device, tc.precision)
+            if record["val_loss"] < best["val_loss"]:
+                best = {"epoch": epoch + 1, "val_loss": record["val_loss"],
+                        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
         history.append(record)
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record.get('val_loss', float('nan')):.3f}")
         if on_epoch is not None:
@@ -239,7 +264,19 @@ def fit(config: RunConfig, samples: Sequence[Sample], run_dir: Path, resume: boo
             "format_version": ckpt_io.FORMAT_VERSION, "kind": "training", "config": to_dict(config),
             "versions": ckpt_io.versions(), "model": model.state_dict(), "optimizer": opt.state_dict(),
             "epoch": epoch + 1, "epochs": epochs, "history": history, "train_seconds": train_seconds,
+            "best": best,
         }, last_path)
+        if tc.patience and val_feats is not None and epoch + 1 - best["epoch"] >= tc.patience:
+            log.info("stopping: no improvement of the validation loss for %d epochs", tc.patience)
+            break
+    bar.close()
+
+    if tc.select == "best-val" and best["model"] is not None:
+        model.load_state_dict(best["model"])
+        log.info("selected epoch %d (validation loss %.4f)", best["epoch"], best["val_loss"])
+    elif tc.select not in ("best-val", "last"):
+        raise AdtrError(f"unknown selection {tc.select!r} (use best-val or last)")
+    selected_epoch = best["epoch"] if tc.select == "best-val" and best["model"] is not None else len(history)
 
     # Calibration on held-out good images only (never test data).
     if val_feats is not None:
@@ -249,11 +286,12 @@ def fit(config: RunConfig, samples: Sequence[Sample], run_dir: Path, resume: boo
     threshold = quantile_threshold(val_scores, config.score.target_fpr)
     seconds = feature_seconds + train_seconds
     save_model(run_dir / ckpt_io.MODEL_FILE, config, backbone, model, {
-        "threshold": threshold, "val_scores": val_scores.tolist()}, history, seconds)
+        "threshold": threshold, "val_scores": val_scores.tolist(), "selected_epoch": selected_epoch},
+        history, seconds)
     last_path.unlink(missing_ok=True)
     if cache.exists():
         cache.unlink()
-    return FitResult(run_dir, epochs, seconds, history, threshold)
+    return FitResult(run_dir, epochs, seconds, history, threshold, selected_epoch)
 
 
 def save_model(path: Path, config: RunConfig, backbone: FrozenBackbone, model: ADTR,

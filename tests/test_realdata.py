@@ -1,0 +1,30 @@
+"""A real fit on MVTec AD bottle; skips where ../shared/data/mvtec_ad is missing."""
+
+from __future__ import annotations
+
+import pytest
+
+from adtr.config import RunConfig, with_overrides
+from adtr.data import index_mvtec
+from adtr.detector import Detector
+from adtr.engine import fit
+from adtr.evaluate import evaluate
+
+from conftest import MVTEC_ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.realdata]
+
+
+@pytest.mark.skipif(not (MVTEC_ROOT / "bottle").is_dir(), reason=f"MVTec AD bottle not found at {MVTEC_ROOT}")
+def test_bottle_short_fit_detects_and_localises(tmp_path):
+    """Three minutes of training with the defaults already separate good from broken bottles."""
+    train = index_mvtec(MVTEC_ROOT, "bottle", "train")
+    test = index_mvtec(MVTEC_ROOT, "bottle", "test")
+    cfg = with_overrides(RunConfig(), "train", max_minutes=3.0)
+    fit(cfg, train, tmp_path / "run")
+    res = evaluate(Detector.load(tmp_path / "run", device="cpu"), test)
+    m = res.metrics
+    assert m["image_auroc"] >= 0.95, m
+    assert m["pixel_auroc"] >= 0.95, m
+    assert m["aupro"] >= 0.80, m
+    assert set(res.per_type) == {"broken_large", "broken_small", "contamination"}
