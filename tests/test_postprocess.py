@@ -44,3 +44,9 @@ def test_quantile_threshold():
     scores = torch.arange(101, dtype=torch.float32)
     assert quantile_threshold(scores, 0.01) == pytest.approx(99.0)
     assert quantile_threshold(torch.empty(0), 0.01) == float("inf")
+
+
+def test_separable_pooling_equals_2d_box_average():
+    m = torch.rand(3, 1, 40, 37)
+    ref = torch.nn.functional.avg_pool2d(m, kernel_size=8, stride=1).flatten(1).amax(1)
+    assert torch.allclose(image_score(m, 8), ref, atol=1e-6)
