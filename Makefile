@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/adtr demo --out demo_results
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/mvtec.py --root ../shared/data/mvtec_ad --categories bottle grid
