@@ -100,3 +100,16 @@ def test_best_validation_epoch_is_selected(tiny_category, tmp_path):
     assert ckpt["calibration"]["selected_epoch"] == result.selected_epoch
     last = fit(tiny_config(epochs=4, lr=3e-3, select="last"), samples, tmp_path / "last")
     assert last.selected_epoch == 4
+
+
+def test_resume_refuses_other_images(tiny_category, tmp_path):
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+
+    def stop(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_config(epochs=3), samples, tmp_path / "r", on_epoch=stop)
+    with pytest.raises(AdtrError, match="other training images"):
+        fit(tiny_config(epochs=3), samples[:-1], tmp_path / "r", resume=True)

@@ -143,6 +143,11 @@ def score_features(model: ADTR, feats: torch.Tensor, image_size: int, score: Sco
     return torch.cat(maps), torch.cat(scores)
 
 
+def image_list(samples: Sequence[Sample]) -> list[str]:
+    """Absolute image paths, stored in the training checkpoint so a resume uses the same data."""
+    return [str(Path(s.image).resolve()) for s in samples]
+
+
 @dataclass
 class FitResult:
     run_dir: Path
@@ -190,6 +195,8 @@ def fit(config: RunConfig, samples: Sequence[Sample], run_dir: Path, resume: boo
             raise AdtrError(f"{run_dir}: nothing to resume (no {ckpt_io.LAST_FILE})")
         state = ckpt_io.load_checkpoint(last_path)
         config = from_dict(state["config"])  # the run's own config wins
+        if state.get("images") != image_list(samples):
+            raise AdtrError(f"{last_path}: was started on other training images; resume with the same folder")
     elif (run_dir / ckpt_io.MODEL_FILE).exists() or last_path.exists():
         raise AdtrError(f"{run_dir}: already holds a run; use --resume to continue it or pick a new folder")
     tc, mc = config.train, config.model
@@ -264,7 +271,7 @@ def fit(config: RunConfig, samples: Sequence[Sample], run_dir: Path, resume: boo
             "format_version": ckpt_io.FORMAT_VERSION, "kind": "training", "config": to_dict(config),
             "versions": ckpt_io.versions(), "model": model.state_dict(), "optimizer": opt.state_dict(),
             "epoch": epoch + 1, "epochs": epochs, "history": history, "train_seconds": train_seconds,
-            "best": best,
+            "best": best, "images": image_list(samples),
         }, last_path)
         if tc.patience and val_feats is not None and epoch + 1 - best["epoch"] >= tc.patience:
             log.info("stopping: no improvement of the validation loss for %d epochs", tc.patience)
