@@ -119,11 +119,12 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
+    import torch
     from tqdm import tqdm
 
-    from adtr.data import image_to_tensor, read_image, verify_image
+    from adtr.data import verify_image
     from adtr.detector import Detector
-    from adtr.visualize import overlay_panel, save_png
+    from adtr.visualize import overlay_panel, save_png, tensor_to_uint8
 
     det = Detector.load(args.run)
     paths = expand_inputs(args.inputs)
@@ -131,17 +132,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
         verify_image(p)
     out = Path(args.out)
     thr = det.threshold if args.threshold is None else args.threshold
+    vmax = 2 * thr if np.isfinite(thr) and thr > 0 else None  # one colour scale for every overlay
     rows = []
     for i in tqdm(range(0, len(paths), args.batch_size), desc="predict", unit="batch"):
         chunk = paths[i:i + args.batch_size]
-        preds = det.predict(chunk, threshold=thr)
-        for j, (p, r) in enumerate(zip(chunk, preds)):
-            rows.append({"image": str(p), "score": r.score, "threshold": thr,
-                         "label": "anomalous" if r.is_anomalous else "good"})
+        images = torch.stack([det.to_tensor(p) for p in chunk])  # (B, 3, S, S), decoded once
+        maps, scores = det.score_tensors(images)
+        for j, (p, image, amap, score) in enumerate(zip(chunk, images, maps.numpy(), scores.tolist())):
+            rows.append({"image": str(p), "score": score, "threshold": thr,
+                         "label": "anomalous" if score > thr else "good"})
             if not args.no_overlays:
-                img = (image_to_tensor(read_image(p), det.image_size).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-                vmax = 2 * thr if np.isfinite(thr) and thr > 0 else float(r.anomaly_map.max())
-                save_png(overlay_panel(img, r.anomaly_map, 0.0, vmax), out / "overlays" / f"{i + j:05d}_{p.stem}.png")
+                panel = overlay_panel(tensor_to_uint8(image), amap, 0.0, vmax or float(amap.max()))
+                save_png(panel, out / "overlays" / f"{i + j:05d}_{p.stem}.png")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["image", "score", "threshold", "label"])
     writer.writeheader()

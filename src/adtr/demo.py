@@ -16,7 +16,7 @@ from adtr.detector import Detector
 from adtr.engine import fit
 from adtr.evaluate import evaluate
 from adtr.synthetic import make_dataset
-from adtr.visualize import montage, overlay_panel, save_png
+from adtr.visualize import montage, overlay_panel, save_png, tensor_to_uint8
 
 
 def run_demo(out: Path, minutes: float = 2.0, seed: int = 0, category: str = "fabric", size: int = 256,
@@ -54,7 +54,7 @@ def run_demo(out: Path, minutes: float = 2.0, seed: int = 0, category: str = "fa
     vmax = 2 * det.threshold if np.isfinite(det.threshold) else float(res.maps.max())
     for i in picks:
         s = test[i]
-        img = (image_to_tensor(read_image(s.image), det.image_size).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        img = tensor_to_uint8(image_to_tensor(read_image(s.image), det.image_size))
         mask = read_mask(s.mask, det.image_size).numpy() if s.mask else np.zeros(img.shape[:2], bool)
         panels.append(overlay_panel(img, res.maps[i], 0.0, vmax, mask))
     save_png(montage(panels, columns=2), out / "montage.png")

@@ -6,10 +6,16 @@ import io
 from pathlib import Path
 
 import numpy as np
+import torch
 from matplotlib import colormaps
 from PIL import Image
 
 from adtr.checkpoint import atomic_write_bytes
+
+
+def tensor_to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8."""
+    return (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
 
 def colorize(amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
