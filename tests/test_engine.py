@@ -113,3 +113,10 @@ def test_resume_refuses_other_images(tiny_category, tmp_path):
         fit(tiny_config(epochs=3), samples, tmp_path / "r", on_epoch=stop)
     with pytest.raises(AdtrError, match="other training images"):
         fit(tiny_config(epochs=3), samples[:-1], tmp_path / "r", resume=True)
+
+
+def test_unknown_selection_fails_before_training(tiny_category, tmp_path):
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    with pytest.raises(AdtrError, match="unknown selection"):
+        fit(tiny_config(select="best"), samples, tmp_path / "r")
+    assert not (tmp_path / "r").exists()

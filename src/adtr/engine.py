@@ -200,6 +200,8 @@ def fit(config: RunConfig, samples: Sequence[Sample], run_dir: Path, resume: boo
     elif (run_dir / ckpt_io.MODEL_FILE).exists() or last_path.exists():
         raise AdtrError(f"{run_dir}: already holds a run; use --resume to continue it or pick a new folder")
     tc, mc = config.train, config.model
+    if tc.select not in ("best-val", "last"):  # checked now, not after a whole training run
+        raise AdtrError(f"unknown selection {tc.select!r} (use best-val or last)")
     torch.manual_seed(tc.seed)
     t0 = time.perf_counter()
 
@@ -281,8 +283,6 @@ def fit(config: RunConfig, samples: Sequence[Sample], run_dir: Path, resume: boo
     if tc.select == "best-val" and best["model"] is not None:
         model.load_state_dict(best["model"])
         log.info("selected epoch %d (validation loss %.4f)", best["epoch"], best["val_loss"])
-    elif tc.select not in ("best-val", "last"):
-        raise AdtrError(f"unknown selection {tc.select!r} (use best-val or last)")
     selected_epoch = best["epoch"] if tc.select == "best-val" and best["model"] is not None else len(history)
 
     # Calibration on held-out good images only (never test data).
