@@ -190,12 +190,13 @@ def fit(config: RunConfig, samples: Sequence[Sample], run_dir: Path, resume: boo
     run_dir = Path(run_dir)
     last_path = run_dir / ckpt_io.LAST_FILE
     state: dict[str, Any] | None = None
+    images = image_list(samples)  # resolved once; stored in every training checkpoint
     if resume:
         if not last_path.is_file():
             raise AdtrError(f"{run_dir}: nothing to resume (no {ckpt_io.LAST_FILE})")
         state = ckpt_io.load_checkpoint(last_path)
         config = from_dict(state["config"])  # the run's own config wins
-        if state.get("images") != image_list(samples):
+        if state.get("images") != images:
             raise AdtrError(f"{last_path}: was started on other training images; resume with the same folder")
     elif (run_dir / ckpt_io.MODEL_FILE).exists() or last_path.exists():
         raise AdtrError(f"{run_dir}: already holds a run; use --resume to continue it or pick a new folder")
@@ -273,17 +274,18 @@ def fit(config: RunConfig, samples: Sequence[Sample], run_dir: Path, resume: boo
             "format_version": ckpt_io.FORMAT_VERSION, "kind": "training", "config": to_dict(config),
             "versions": ckpt_io.versions(), "model": model.state_dict(), "optimizer": opt.state_dict(),
             "epoch": epoch + 1, "epochs": epochs, "history": history, "train_seconds": train_seconds,
-            "best": best, "images": image_list(samples),
+            "best": best, "images": images,
         }, last_path)
         if tc.patience and val_feats is not None and epoch + 1 - best["epoch"] >= tc.patience:
             log.info("stopping: no improvement of the validation loss for %d epochs", tc.patience)
             break
     bar.close()
 
-    if tc.select == "best-val" and best["model"] is not None:
+    use_best = tc.select == "best-val" and best["model"] is not None
+    if use_best:
         model.load_state_dict(best["model"])
         log.info("selected epoch %d (validation loss %.4f)", best["epoch"], best["val_loss"])
-    selected_epoch = best["epoch"] if tc.select == "best-val" and best["model"] is not None else len(history)
+    selected_epoch = best["epoch"] if use_best else len(history)
 
     # Calibration on held-out good images only (never test data).
     if val_feats is not None:
