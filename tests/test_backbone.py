@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from adtr.errors import AdtrError
-from adtr.models.backbone import FrozenBackbone, create_classifier, map_state_dict_in_order
+from adtr.models.backbone import FrozenBackbone, PixelPatches, create_classifier, map_state_dict_in_order
 
 
 def test_channels_and_grid_match_output():
@@ -76,3 +76,29 @@ def test_packaged_weights_classify_real_photos():
             top = int(net((x - mean) / std).argmax())
         hits += top in classes
     assert hits == 2
+
+
+def test_pixel_patches_shape_and_interface():
+    pp = PixelPatches(16)
+    out = pp(torch.rand(2, 3, 256, 256))
+    assert out.shape == (2, 768, 16, 16)
+    assert (pp.name, pp.stages, pp.grid_stride, pp.channels, pp.out_channels) == ("pixels", (), 16, (768,), 768)
+    assert pp.grid_size(256) == 16
+    with pytest.raises(AdtrError, match="multiple"):
+        pp.grid_size(100)
+    assert pp.body.state_dict() == {} and list(pp.parameters()) == []
+    pp.body.load_state_dict({})
+    pp.train()
+    assert not pp.training and not out.requires_grad
+
+
+def test_pixel_patches_values():
+    """Channel c*s*s + i*s + j of cell (y, x) is colour c of pixel (y*s + i, x*s + j), scaled to [-1, 1]."""
+    img = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).view(2, 3, 4, 6) / 143
+    out = PixelPatches(2)(img)
+    assert out.shape == (2, 12, 2, 3)
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([
+        img[0, c, i, j] * 2 - 1 for c in range(3) for i in range(2) for j in range(2)]))
+    assert torch.allclose(out[1, 2 * 4 + 1 * 2 + 0, 1, 2], img[1, 2, 3, 4] * 2 - 1)
+    assert torch.equal(PixelPatches(1)(torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1)).flatten(),
+                       torch.tensor([-1.0, 0.0, 1.0]))

@@ -26,6 +26,7 @@ def tiny_run(tiny_category, tmp_path_factory) -> Path:
 
 
 def error_of(capsys, argv: list[str]) -> str:
+    capsys.readouterr()  # drop what earlier calls printed
     code = main(argv)
     err = capsys.readouterr().err.strip()
     assert code == 2, err
@@ -141,3 +142,70 @@ def test_python_api_mirrors_cli(tiny_run, tiny_category):
     assert r_path.is_anomalous == (r_path.score > det.threshold)
     with torch.no_grad():
         assert det.predict(path, threshold=-1.0).is_anomalous
+
+
+def test_fit_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--plus", "--init", "--defects", "--defect-masks", "--outliers", "--alpha", "--topk",
+                   "--anomaly-prob", "--variants", "--refresh-every", "--reconstructor", "--target", "--stages",
+                   "--step-at", "--backbone"):
+        assert option in text, option
+
+
+def test_plus_from_the_cli(tiny_run, tiny_category, tmp_path, capsys):
+    plus = tmp_path / "plus"
+    args = ["fit", str(tiny_category), "--plus", "pixel", "--init", str(tiny_run), "--epochs", "1", "--variants", "1"]
+    assert main([*args, "--out", str(plus)]) == 0
+    saved = ckpt_io.load_checkpoint(plus / "model.pt")["config"]
+    assert saved["plus"]["loss"] == "pixel" and saved["plus"]["source"] == "confetti"
+    assert saved["train"]["schedule"] == "step" and saved["train"]["lr"] == 1e-4
+    assert main(["test", str(plus), "--data", str(tiny_category), "--out", str(tmp_path / "t")]) == 0
+    outliers = tiny_category / "test" / "good"
+    assert main(["fit", str(tiny_category), "--plus", "image", "--init", str(tiny_run), "--epochs", "1",
+                 "--outliers", str(outliers), "--out", str(tmp_path / "img")]) == 0
+    assert ckpt_io.load_checkpoint(tmp_path / "img" / "model.pt")["config"]["plus"]["source"] == "outliers"
+    assert "the model is the --init run's" in error_of(capsys, [*args, "--image-size", "64", "--out", str(tmp_path / "a")])
+    assert "only image labels" in error_of(capsys, [*args, "--outliers", str(outliers), "--out", str(tmp_path / "b")])
+    assert "add --plus" in error_of(capsys, ["fit", str(tiny_category), "--init", str(tiny_run), "--out",
+                                             str(tmp_path / "c")])
+    assert "--init" in error_of(capsys, ["fit", str(tiny_category), "--plus", "pixel", "--out", str(tmp_path / "d")])
+    assert "already an ADTR+ run" in error_of(capsys, ["fit", str(tiny_category), "--plus", "pixel", "--init",
+                                                       str(plus), "--out", str(tmp_path / "e")])
+
+
+def test_plus_with_real_defects_from_the_cli(tiny_run, tiny_category, tmp_path):
+    assert main(["fit", str(tiny_category), "--plus", "pixel", "--init", str(tiny_run), "--epochs", "1",
+                 "--defects", str(tiny_category), "--out", str(tmp_path / "px")]) == 0
+    saved = ckpt_io.load_checkpoint(tmp_path / "px" / "model.pt")["config"]["plus"]
+    assert saved["source"] == "defects" and saved["data"] == str(tiny_category.resolve())
+
+
+def test_ablation_options_are_saved(tiny_category, tmp_path):
+    run = tmp_path / "run"
+    assert main(["fit", str(tiny_category), "--out", str(run), *TINY_FIT_ARGS, "--epochs", "1",
+                 "--reconstructor", "no-query", "--stages", "4"]) == 0
+    model = ckpt_io.load_checkpoint(run / "model.pt")["config"]["model"]
+    assert model["reconstructor"] == "no-query" and list(model["stages"]) == [4]
+    assert main(["predict", str(run), str(tiny_category / "test" / "good"), "--out", str(tmp_path / "p")]) == 0
+
+
+def test_tsne_from_the_cli(tiny_run, tiny_category, tmp_path, capsys):
+    test = tmp_path / "test"
+    (test / "good").mkdir(parents=True)
+    (test / "spot").mkdir()
+    (tmp_path / "masks" / "spot").mkdir(parents=True)
+    goods = sorted((tiny_category / "test" / "good").iterdir())
+    for i, src in enumerate(goods[:2]):
+        shutil.copy(src, test / "good" / f"g{i}.png")
+        shutil.copy(src, test / "spot" / f"s{i}.png")
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (0, 0, 32, 32))  # a quarter of the image: four whole grid cells
+        mask.save(tmp_path / "masks" / "spot" / f"s{i}.png")
+    out = tmp_path / "tsne.png"
+    assert main(["tsne", str(tiny_run), "--data", str(test), "--masks", str(tmp_path / "masks"), "--n", "16",
+                 "--out", str(out)]) == 0
+    assert Image.open(out).format == "PNG"
+    assert "defect masks" in error_of(capsys, ["tsne", str(tiny_run), "--data", str(tiny_category / "train"),
+                                               "--out", str(tmp_path / "x.png")])

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from adtr import checkpoint as ckpt_io
-from adtr.data import index_mvtec
+from adtr.config import RunConfig, plus_config, with_overrides
+from adtr.data import Sample, index_mvtec
+from adtr.detector import Detector
 from adtr.engine import autocast, batch_order, fit, lr_factor, resolve_precision, split_train_val
 from adtr.errors import AdtrError
 
@@ -22,6 +25,7 @@ def test_split_is_seeded_and_disjoint(tiny_category):
 
 def test_schedules():
     assert lr_factor("step", 79, 100, 0) == 1.0 and lr_factor("step", 80, 100, 0) == 0.1
+    assert lr_factor("step", 65, 100, 0, step_at=2 / 3) == 1.0 and lr_factor("step", 66, 100, 0, 2 / 3) == 0.1
     assert lr_factor("warmup-cosine", 0, 100, 10) == pytest.approx(0.1)
     assert lr_factor("warmup-cosine", 10, 100, 10) == pytest.approx(1.0)
     assert lr_factor("warmup-cosine", 100, 100, 10) == pytest.approx(0.01)
@@ -120,3 +124,96 @@ def test_unknown_selection_fails_before_training(tiny_category, tmp_path):
     with pytest.raises(AdtrError, match="unknown selection"):
         fit(tiny_config(select="best"), samples, tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def base_run(tiny_category, tmp_path_factory):
+    """A tiny trained ADTR run to start ADTR+ from."""
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    run = tmp_path_factory.mktemp("base") / "run"
+    fit(tiny_config(), samples, run)
+    return run
+
+
+def plus_cfg(base_run, **plus):
+    return with_overrides(plus_config(tiny_config(), init=str(base_run), **{"loss": "pixel", **plus}),
+                          "train", epochs=2)
+
+
+def test_plus_confetti_fine_tunes_the_init_run(base_run, tiny_category, tmp_path):
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    cfg = plus_cfg(base_run, variants=2)
+    result = fit(cfg, samples, tmp_path / "plus")
+    saved = ckpt_io.load_checkpoint(tmp_path / "plus" / "model.pt")
+    init = ckpt_io.load_checkpoint(base_run / "model.pt")
+    assert saved["config"]["plus"]["loss"] == "pixel" and saved["config"]["model"] == init["config"]["model"]
+    assert torch.equal(saved["model"]["feature_mean"], init["model"]["feature_mean"])  # started from the init run
+    assert not torch.equal(saved["model"]["query_embed"], init["model"]["query_embed"])  # and trained
+    assert result.selected_epoch == 2 and "pool_seconds" in result.history[0]
+    assert [round(r["lr"] / 1e-4, 6) for r in result.history] == [1.0, 0.1]  # x0.1 for the last third
+    det = Detector.load(tmp_path / "plus")  # the run folder alone is enough
+    assert det.config.plus.loss == "pixel"
+
+
+def test_plus_resume_redraws_the_same_pool(base_run, tiny_category, tmp_path):
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    cfg = with_overrides(plus_cfg(base_run, variants=1, refresh_every=1), "train", epochs=3)
+    fit(cfg, samples, tmp_path / "full")
+
+    def stop_after_two(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, samples, tmp_path / "cut", on_epoch=stop_after_two)
+    fit(cfg, samples, tmp_path / "cut", resume=True)
+    a = ckpt_io.load_checkpoint(tmp_path / "full" / "model.pt")["model"]
+    b = ckpt_io.load_checkpoint(tmp_path / "cut" / "model.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_plus_with_real_defects_and_outliers(base_run, tiny_category, tmp_path):
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    defects = [s for s in index_mvtec(tiny_category.parent, tiny_category.name, "test") if s.label == 1]
+    fit(plus_cfg(base_run, source="defects"), samples, tmp_path / "px", anomalies=defects)
+    outliers = [Sample(image=s.image, label=1, defect_type="outlier", mask=None) for s in defects]
+    fit(plus_cfg(base_run, loss="image", source="outliers", topk=3), samples, tmp_path / "img", anomalies=outliers)
+    assert Detector.load(tmp_path / "img").config.plus.topk == 3
+    with pytest.raises(AdtrError, match="only image labels"):
+        fit(plus_cfg(base_run, source="outliers"), samples, tmp_path / "bad", anomalies=outliers)
+    with pytest.raises(AdtrError, match="has no defect mask"):
+        fit(plus_cfg(base_run, source="defects"), samples, tmp_path / "bad2", anomalies=outliers)
+    with pytest.raises(AdtrError, match="needs its images"):
+        fit(plus_cfg(base_run, source="defects"), samples, tmp_path / "bad3")
+    with pytest.raises(AdtrError, match="--init"):
+        fit(with_overrides(RunConfig(), "plus", loss="pixel"), samples, tmp_path / "bad4")
+
+
+def test_fit_on_an_image_array(tmp_path):
+    images = (np.random.default_rng(0).random((10, 32, 32, 3)) * 255).astype(np.uint8)
+    cfg = with_overrides(tiny_config(), "model", image_size=32, grid_stride=8)
+    result = fit(cfg, images, tmp_path / "arr")
+    assert result.epochs == 3 and Detector.load(tmp_path / "arr").image_size == 32
+    with pytest.raises(AdtrError, match="other training images"):
+        (tmp_path / "arr2").mkdir()
+        ckpt = ckpt_io.load_checkpoint(tmp_path / "arr" / "model.pt")
+        ckpt_io.atomic_save({**ckpt, "kind": "training", "images": ["array:other"], "epoch": 1, "epochs": 3},
+                            tmp_path / "arr2" / "last.pt")
+        fit(cfg, images, tmp_path / "arr2", resume=True)
+
+
+@pytest.mark.parametrize("reconstructor", ["no-attention", "no-query", "cnn"])
+def test_ablation_runs_load_from_their_folder(tiny_category, tmp_path, reconstructor):
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    cfg = with_overrides(tiny_config(epochs=1), "model", reconstructor=reconstructor)
+    fit(cfg, samples, tmp_path / "run")
+    det = Detector.load(tmp_path / "run")
+    assert det.config.model.reconstructor == reconstructor and det.network.model.reconstructor == reconstructor
+
+
+def test_pixel_target_run(tiny_category, tmp_path):
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    fit(with_overrides(tiny_config(epochs=1), "model", target="pixels"), samples, tmp_path / "run")
+    det = Detector.load(tmp_path / "run")
+    assert det.network.backbone.out_channels == 3 * 16 * 16
+    assert det.predict(samples[0].image).anomaly_map.shape == (64, 64)

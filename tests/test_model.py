@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from adtr.errors import AdtrError
-from adtr.models.adtr import ADTR, reconstruction_loss
+from adtr.models.adtr import ADTR, RECONSTRUCTORS, reconstruction_loss
+from adtr.models.transformer import ConcatProjection, ConvReconstructor, MultiHeadAttention
 
 
 def small(**kw) -> ADTR:
@@ -57,3 +58,70 @@ def test_learns_to_reconstruct_constant_data():
         loss.backward()
         opt.step()
     assert loss.item() < 0.01 * start
+
+
+@pytest.mark.parametrize("name", RECONSTRUCTORS)
+def test_every_reconstructor_runs_and_trains(name):
+    m = small(reconstructor=name)
+    assert m.reconstructor == name
+    f = torch.randn(2, 12, 4, 4)
+    out = m(f)
+    assert out.features.shape == out.reconstruction.shape == (2, 12, 4, 4)
+    assert out.anomaly_map.shape == (2, 1, 4, 4)
+    reconstruction_loss(out).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+def test_default_state_dict_keys_are_unchanged():
+    keys = set(small().state_dict())
+    assert {"pos_embed", "query_embed", "feature_mean", "feature_std", "input_proj.weight",
+            "output_proj.weight", "transformer.encoder.0.self_attn.q_proj.weight",
+            "transformer.decoder.0.cross_attn.out_proj.weight"} <= keys
+    assert all(k.split(".")[0] in {"pos_embed", "query_embed", "feature_mean", "feature_std", "input_proj",
+                                   "output_proj", "transformer"} for k in keys)
+
+
+def test_variant_modules_and_keys():
+    no_attn = small(reconstructor="no-attention")
+    assert not any(isinstance(x, MultiHeadAttention) for x in no_attn.modules())
+    assert any(isinstance(x, ConcatProjection) for x in no_attn.modules())
+    assert "query_embed" in no_attn.state_dict()
+    no_query = small(reconstructor="no-query")
+    assert "query_embed" not in no_query.state_dict() and "pos_embed" in no_query.state_dict()
+    cnn = small(reconstructor="cnn")
+    keys = set(cnn.state_dict())
+    assert isinstance(cnn.cnn, ConvReconstructor)
+    assert not keys & {"pos_embed", "query_embed"} and not any(k.startswith("transformer.") for k in keys)
+    # A transformer checkpoint cannot be loaded into an ablation by mistake.
+    with pytest.raises(RuntimeError):
+        cnn.load_state_dict(small().state_dict())
+
+
+def test_no_attention_model_is_local():
+    """Without attention (and 1x1 projections) a cell's reconstruction depends on that cell alone."""
+    m = small(reconstructor="no-attention").eval()
+    f = torch.randn(1, 12, 4, 4)
+    g = f.clone()
+    g[:, :, 1, 2] += 5.0
+    changed = (m(f).reconstruction - m(g).reconstruction).abs().sum(1)[0] > 1e-5
+    assert changed.nonzero().tolist() == [[1, 2]]
+    m = small().eval()
+    assert ((m(f).reconstruction - m(g).reconstruction).abs().sum(1)[0] > 1e-5).sum() > 1
+
+
+def test_unknown_reconstructor():
+    with pytest.raises(ValueError, match="reconstructor must be one of"):
+        small(reconstructor="rnn")
+
+
+@pytest.mark.parametrize("name", RECONSTRUCTORS)
+def test_state_dict_round_trip(name):
+    a = small(reconstructor=name).eval()
+    a.set_feature_stats(torch.randn(8, 12, 4, 4) * 3 + 1)
+    torch.manual_seed(1)
+    b = ADTR(12, 4, dim=16, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, ffn_dim=32, dropout=0.0,
+             reconstructor=name).eval()
+    f = torch.randn(2, 12, 4, 4)
+    assert not torch.allclose(a(f).reconstruction, b(f).reconstruction)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(f).reconstruction, b(f).reconstruction)

@@ -1,9 +1,17 @@
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from adtr.models.transformer import MultiHeadAttention, ReconstructionTransformer
+from adtr.models.transformer import (
+    ConcatProjection,
+    ConvReconstructor,
+    MultiHeadAttention,
+    ReconstructionTransformer,
+    count_parameters,
+    matching_conv_blocks,
+)
 
 
 def test_attention_matches_naive_softmax():
@@ -57,3 +65,87 @@ def test_values_do_not_carry_position():
         torch.nn.init.zeros_(proj.bias)
     x = torch.randn(1, 5, 8)
     assert torch.allclose(layer(x, torch.randn(1, 5, 8)), layer(x, torch.randn(1, 5, 8)), atol=1e-6)
+
+
+def tiny(**kw) -> ReconstructionTransformer:
+    torch.manual_seed(0)
+    return ReconstructionTransformer(dim=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, ffn_dim=64,
+                                     dropout=0.0, **kw).eval()
+
+
+def test_concat_projection_is_position_wise():
+    torch.manual_seed(0)
+    proj = ConcatProjection(16)
+    q, v = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    out = proj(q, torch.randn(2, 5, 16), v)
+    assert out.shape == (2, 5, 16)
+    assert torch.allclose(out, proj.proj(torch.cat([q, v], -1)))
+    # Changing token 2 of the query or the value changes output token 2 only.
+    q2, v2 = q.clone(), v.clone()
+    q2[:, 2] += 1.0
+    v2[:, 2] -= 1.0
+    out2 = proj(q2, torch.randn(2, 5, 16), v2)
+    others = [0, 1, 3, 4]
+    assert torch.equal(out2[:, others], out[:, others])
+    assert not torch.allclose(out2[:, 2], out[:, 2])
+    with pytest.raises(ValueError, match="one to one"):
+        proj(torch.randn(1, 5, 16), torch.randn(1, 7, 16), torch.randn(1, 7, 16))
+
+
+def test_no_attention_transformer_mixes_no_tokens():
+    t = tiny(attention=False)
+    assert not any(isinstance(m, MultiHeadAttention) for m in t.modules())
+    assert sum(isinstance(m, ConcatProjection) for m in t.modules()) == 3  # 1 encoder + 2 decoder
+    tokens, pos, query = torch.randn(2, 9, 32), torch.randn(1, 9, 32), torch.randn(1, 9, 32)
+    out = t(tokens, pos, query)
+    changed = tokens.clone()
+    changed[:, 4] += 3.0
+    out2 = t(changed, pos, query)
+    others = [i for i in range(9) if i != 4]
+    assert torch.allclose(out2[:, others], out[:, others], atol=1e-6)
+    assert not torch.allclose(out2[:, 4], out[:, 4])
+    # The same probe shows that the real transformer does mix tokens.
+    t = tiny()
+    assert not torch.allclose(t(changed, pos, query)[:, others], t(tokens, pos, query)[:, others])
+
+
+def test_without_query_the_decoder_reads_the_memory():
+    t = tiny()
+    tokens, pos, query = torch.randn(2, 9, 32, requires_grad=True), torch.randn(1, 9, 32), torch.randn(1, 9, 32)
+    out = t(tokens, pos, None)
+    assert out.shape == (2, 9, 32)
+    assert not torch.allclose(out, t(tokens, pos, query))
+    # The decoder starts from the memory: with no encoder layers, that is the tokens themselves.
+    t.encoder = torch.nn.ModuleList()
+    ref = t.decoder[0](tokens, tokens, pos)
+    assert torch.allclose(t(tokens, pos, None), ref)
+    ref.sum().backward()
+    assert tokens.grad.abs().sum() > 0
+
+
+def test_conv_reconstructor_shape_and_skip():
+    torch.manual_seed(0)
+    cnn = ConvReconstructor(32, 2)
+    x = torch.randn(2, 32, 4, 4)
+    assert cnn(x).shape == (2, 32, 4, 4)
+    assert len(cnn.blocks) == 2
+    assert cnn.blocks[0].norm1.num_groups == 32 and ConvReconstructor(48, 1).blocks[0].norm1.num_groups == 24
+    # With the residual branch silenced, each block is relu(x + 0): only the skip remains.
+    for block in cnn.blocks:
+        torch.nn.init.zeros_(block.norm2.weight)
+        torch.nn.init.zeros_(block.norm2.bias)
+    assert torch.equal(cnn(x), F.relu(x))
+    with pytest.raises(ValueError, match="at least 1"):
+        ConvReconstructor(32, 0)
+
+
+def test_matching_conv_blocks_has_similar_size():
+    n = matching_conv_blocks(256, 1024, 4, 4)
+    with torch.device("meta"):
+        transformer = count_parameters(ReconstructionTransformer(256, 8, 4, 4, 1024))
+        cnn = count_parameters(ConvReconstructor(256, n))
+        fewer, more = (count_parameters(ConvReconstructor(256, k)) for k in (n - 1, n + 1))
+    assert n == 6
+    assert abs(cnn - transformer) <= 0.3 * transformer
+    assert abs(cnn - transformer) <= min(abs(fewer - transformer), abs(more - transformer))
+    assert matching_conv_blocks(32, 64, 1, 1) >= 1

@@ -1,4 +1,4 @@
-"""Command line: ``adtr fit | test | predict | demo``. Parse, build config, call the engine."""
+"""Command line: ``adtr fit | test | predict | tsne | demo``. Parse, build config, call the engine."""
 
 from __future__ import annotations
 
@@ -39,21 +39,96 @@ def resolve_test_samples(data: Path, masks: Path | None):
     return index_test_folder(data, masks)
 
 
+def resolve_defect_samples(data: Path, masks: Path | None):
+    """Defective images for ADTR+: the defect folders of a MVTec category's test split or a test-layout folder."""
+    samples = [s for s in resolve_test_samples(Path(data), masks) if s.label == 1]
+    if not samples:
+        raise AdtrError(f"{data}: no defective images found (expected defect-type folders beside good/)")
+    return samples
+
+
+def resolve_outlier_samples(data: Path):
+    """Outlier images for image-level ADTR+: images in ``data`` and in its immediate subfolders."""
+    from adtr.data import Sample, list_images
+    from adtr.data.images import require_dir
+
+    data = require_dir(data, "outlier folder")
+    paths = list_images(data, allow_empty=True)
+    for sub in sorted(p for p in data.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        paths += list_images(sub, allow_empty=True)
+    if not paths:
+        raise AdtrError(f"{data}: no outlier images found in it or its subfolders")
+    return [Sample(image=p, label=1, defect_type="outlier", mask=None) for p in paths]
+
+
 def write_json(obj, path: Path) -> None:
     atomic_write_bytes((json.dumps(obj, indent=2) + "\n").encode(), path)
 
 
+MODEL_OPTIONS = ("backbone", "weights", "image_size", "grid_stride", "stages", "dropout", "error_space",
+                 "reconstructor", "target")
+
+def plus_base_config(args: argparse.Namespace) -> RunConfig:
+    """ADTR+ starts from the init run's config; the model options are the init run's own."""
+    from adtr import checkpoint as ckpt_io
+    from adtr.config import from_dict, plus_config
+
+    given = [f"--{name.replace('_', '-')}" for name in MODEL_OPTIONS if getattr(args, name) is not None]
+    if given:
+        raise AdtrError(f"{', '.join(given)}: with --plus the model is the --init run's; drop these options")
+    if args.init is None:
+        raise AdtrError("--plus fine-tunes a trained ADTR run: give it with --init RUN")
+    path = ckpt_io.find_run_file(Path(args.init))
+    init = from_dict(ckpt_io.load_checkpoint(path)["config"])
+    if init.plus.loss != "none":
+        raise AdtrError(f"{path}: is already an ADTR+ run; start ADTR+ from a plain ADTR run")
+    return plus_config(init)
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    cfg = RunConfig()
-    cfg = with_overrides(cfg, "model", backbone=args.backbone, weights=args.weights, image_size=args.image_size,
-                         grid_stride=args.grid_stride, stages=tuple(args.stages) if args.stages else None,
-                         dropout=args.dropout, error_space=args.error_space)
+    plus = getattr(args, "plus", None)
+    cfg = plus_base_config(args) if plus else RunConfig()
+    if not plus:
+        cfg = with_overrides(cfg, "model", backbone=args.backbone, weights=args.weights, image_size=args.image_size,
+                             grid_stride=args.grid_stride, stages=tuple(args.stages) if args.stages else None,
+                             dropout=args.dropout, error_space=args.error_space,
+                             reconstructor=args.reconstructor, target=args.target)
     cfg = with_overrides(cfg, "train", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, schedule=args.schedule, grad_clip=args.grad_clip,
-                         val_fraction=args.val_fraction, seed=args.seed, precision=args.precision,
-                         max_minutes=args.max_minutes, feature_cache=args.feature_cache, select=args.select,
-                         patience=args.patience)
-    return with_overrides(cfg, "score", sigma=args.sigma, pool_size=args.pool_size, target_fpr=args.target_fpr)
+                         weight_decay=args.weight_decay, schedule=args.schedule, step_at=args.step_at,
+                         grad_clip=args.grad_clip, val_fraction=args.val_fraction, seed=args.seed,
+                         precision=args.precision, max_minutes=args.max_minutes, feature_cache=args.feature_cache,
+                         select=args.select, patience=args.patience)
+    cfg = with_overrides(cfg, "score", sigma=args.sigma, pool_size=args.pool_size, target_fpr=args.target_fpr)
+    if plus:
+        source, data = "confetti", None
+        if args.defects and args.outliers:
+            raise AdtrError("give --defects or --outliers, not both")
+        if args.defects:
+            source, data = "defects", str(Path(args.defects).resolve())
+        elif args.outliers:
+            source, data = "outliers", str(Path(args.outliers).resolve())
+        cfg = with_overrides(cfg, "plus", loss=plus, init=str(Path(args.init).resolve()), source=source, data=data,
+                             alpha=args.alpha, topk=args.topk, anomaly_prob=args.anomaly_prob,
+                             variants=args.variants, refresh_every=args.refresh_every)
+    elif any(getattr(args, n, None) is not None for n in ("init", "defects", "outliers")):
+        raise AdtrError("--init, --defects and --outliers belong to ADTR+: add --plus pixel or --plus image")
+    return cfg
+
+
+def load_anomalies(config: RunConfig, args: argparse.Namespace):
+    """The known anomalies of an ADTR+ run (none for confetti, which is drawn from the training images)."""
+    from adtr.data import validate_readable
+
+    plus = config.plus
+    if plus.loss == "none" or plus.source == "confetti":
+        return None
+    if plus.source == "defects":
+        masks = getattr(args, "defect_masks", None)
+        anomalies = resolve_defect_samples(Path(plus.data), Path(masks) if masks else None)
+    else:
+        anomalies = resolve_outlier_samples(Path(plus.data))
+    validate_readable(anomalies)
+    return anomalies
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
@@ -63,13 +138,20 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     if args.data is None:
         raise AdtrError("fit needs the training data folder (also with --resume: the same folder as before)")
-    if args.resume:
-        last = Path(args.out) / ckpt_io.LAST_FILE
-        if last.is_file():
-            ckpt_io.check_compatible(ckpt_io.load_checkpoint(last), last, args.backbone, args.image_size)
+    last = Path(args.out) / ckpt_io.LAST_FILE
+    saved = ckpt_io.load_checkpoint(last) if args.resume and last.is_file() else None
+    if saved is not None:
+        ckpt_io.check_compatible(saved, last, args.backbone, args.image_size)
     samples = resolve_training_samples(args.data)
     validate_readable(samples)
-    result = fit(config_from_args(args), samples, Path(args.out), resume=args.resume)
+    if saved is not None:
+        from adtr.config import from_dict
+
+        config = from_dict(saved["config"])  # a resumed run keeps its own config
+    else:
+        config = config_from_args(args)
+    anomalies = load_anomalies(config, args)
+    result = fit(config, samples, Path(args.out), resume=args.resume, anomalies=anomalies)
     print(f"fitted {result.epochs} epochs in {result.seconds:.0f} s; image threshold {result.threshold:.4f}")
     print(f"run saved to {Path(args.out) / 'model.pt'}")
     return 0
@@ -156,6 +238,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tsne(args: argparse.Namespace) -> int:
+    from adtr.data import validate_readable
+    from adtr.tsne import tsne_figure
+
+    samples = resolve_test_samples(Path(args.data), Path(args.masks) if args.masks else None)
+    validate_readable(samples)
+    vectors = tsne_figure(args.run, samples, Path(args.out), n=args.n, seed=args.seed)
+    print(f"t-SNE of {len(vectors)} difference vectors ({int(vectors.anomalous.sum())} anomalous) "
+          f"written to {args.out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from adtr.demo import run_demo
 
@@ -172,6 +266,12 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stages", type=int, nargs="+", help="backbone stages to use (default 0 1 2 3 4)")
     g.add_argument("--dropout", type=float, help="transformer dropout (default 0)")
     g.add_argument("--error-space", choices=["features", "standardized"], help="where the error is measured")
+    g.add_argument("--reconstructor", choices=["transformer", "no-attention", "no-query", "cnn"],
+                   help="Table 4 ablations: the transformer (default), without attention (concatenation + "
+                        "projection), without the auxiliary query (decoder fed the encoder output), or a "
+                        "ResNet-style CNN of similar size")
+    g.add_argument("--target", choices=["features", "pixels"],
+                   help="reconstruct backbone features (default) or raw stride x stride pixel patches (ablation)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="epochs (default 60; paper: 500)")
     g.add_argument("--max-minutes", type=float, help="wall-clock budget; epochs are fitted to it (default none)")
@@ -179,6 +279,8 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="peak learning rate (default 5e-4; paper: 1e-4 with --schedule step)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
     g.add_argument("--schedule", choices=["warmup-cosine", "step"], help="learning-rate schedule")
+    g.add_argument("--step-at", type=float,
+                   help="fraction of training after which --schedule step divides lr by 10 (default 0.8)")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (default off)")
     g.add_argument("--val-fraction", type=float, help="good images held out for calibration (default 0.1)")
     g.add_argument("--seed", type=int, help="random seed (default 0)")
@@ -188,6 +290,23 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
                    help="keep the epoch with the lowest held-out loss (default) or the last one")
     g.add_argument("--patience", type=int, help="stop after N epochs without validation improvement (default 0: off)")
     g.add_argument("--feature-cache", choices=["auto", "memory", "disk"], help="where cached features live")
+    g = p.add_argument_group("ADTR+ (anomalies known; section 3.3)",
+                             "fine-tune a trained ADTR run with the push-pull loss; training defaults become "
+                             "20 epochs, lr 1e-4 x0.1 for the last third (--schedule step --step-at 0.667), "
+                             "final epoch; the model options are the --init run's")
+    g.add_argument("--plus", choices=["pixel", "image"],
+                   help="pixel: Eq. 7 with pixel labels (confetti or --defects with masks); "
+                        "image: Eq. 9 with image labels (confetti, --defects or --outliers)")
+    g.add_argument("--init", help="run folder of the trained ADTR model to start from")
+    g.add_argument("--defects", help="real defective images: a MVTec category folder (its test defects) or a "
+                                     "test-layout folder (good/ + one folder per defect type)")
+    g.add_argument("--defect-masks", help="mask folder for a test-layout --defects folder")
+    g.add_argument("--outliers", help="folder of images unrelated to the normal class (image-level labels)")
+    g.add_argument("--alpha", type=float, help="weight of the push term (default 0.003)")
+    g.add_argument("--topk", type=int, help="k of the image-level score q (default 20)")
+    g.add_argument("--anomaly-prob", type=float, help="chance to replace a sample by an anomaly (default 0.5)")
+    g.add_argument("--variants", type=int, help="confetti variants cached per training image (default 4)")
+    g.add_argument("--refresh-every", type=int, help="epochs between confetti redraws (default 10; 0 = never)")
     g = p.add_argument_group("scoring")
     g.add_argument("--sigma", type=float, help="Gaussian smoothing of maps in pixels (default 4, 0 = off)")
     g.add_argument("--pool-size", type=int, help="average-pool window in pixels for the image score (default 32)")
@@ -221,6 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-overlays", action="store_true", help="skip heat-map PNGs")
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("tsne", help="t-SNE of feature-difference vectors, normal vs anomalous pixels (Fig. 5)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--data", required=True, help="MVTec category folder, or a test folder with masks")
+    p.add_argument("--masks", help="mask folder mirroring the defect folders (plain layout)")
+    p.add_argument("--out", default="tsne.png", help="PNG to write (default ./tsne.png)")
+    p.add_argument("--n", type=int, default=600, help="difference vectors to embed, half anomalous (default 600)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tsne)
     p = sub.add_parser("demo", help="generate a dataset, fit, test and predict in a few minutes")
     p.add_argument("--out", default="demo_results", help="results folder")
     p.add_argument("--minutes", type=float, default=2.0, help="training budget in minutes")

@@ -30,6 +30,10 @@ class ModelConfig:
     ffn_dim: int = 1024
     dropout: float = 0.0  # ours: the paper gives none; 0.1 (DETR) costs 1.5x per step on CPU
     error_space: str = "features"  # features (Eq. 1-3 as written) | standardized (per-channel std units)
+    # Table 4 ablations: transformer | no-attention (concatenation + projection) | no-query (the decoder
+    # is fed the encoder output) | cnn (ResNet-style conv stack of similar size)
+    reconstructor: str = "transformer"
+    target: str = "features"  # features (paper) | pixels (Table 4 ablation: reconstruct stride x stride patches)
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,8 @@ class TrainConfig:
     batch_size: int = 8  # ours: twice the updates per epoch, faster to the same quality (paper: 16)
     lr: float = 5e-4  # ours, with warmup-cosine (paper: 1e-4 with its step schedule)
     weight_decay: float = 1e-4  # paper
-    schedule: str = "warmup-cosine"  # warmup-cosine (ours, fast) | step (paper: x0.1 at 80%)
+    schedule: str = "warmup-cosine"  # warmup-cosine (ours, fast) | step (paper: x0.1 from step_at on)
+    step_at: float = 0.8  # fraction of training after which ``step`` divides lr by 10 (paper: 400/500)
     warmup_fraction: float = 0.05
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     val_fraction: float = 0.1  # held-out good images for monitoring and calibration
@@ -62,10 +67,32 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class PlusConfig:
+    """ADTR+ (section 3.3): fine-tune a trained ADTR run when some anomalies are known."""
+
+    loss: str = "none"  # none (plain ADTR) | pixel (Eq. 6-7, needs pixel labels) | image (Eq. 8-9)
+    init: str = ""  # run folder of the trained ADTR model to start from (paper: ADTR+ starts from ADTR)
+    source: str = "confetti"  # confetti (synthetic, FCDD) | defects (real images with masks) | outliers
+    data: str = ""  # folder of the defects or outlier images (recorded for reproducibility)
+    alpha: float = 0.003  # weight of the push term (paper)
+    topk: int = 20  # k of the image-level score q (Eq. 8; paper: 20)
+    anomaly_prob: float = 0.5  # chance that a training sample is replaced by an anomaly (FCDD: 0.5)
+    variants: int = 4  # confetti: corrupted variants per training image whose features are cached
+    refresh_every: int = 10  # confetti: epochs between redraws of the cached variants; 0 = never
+
+
+#: ADTR+ training defaults: the paper's fine-tuning schedule (lr 1e-4, x0.1 for the last
+#: third, final epoch) on a CPU-sized epoch budget (paper: 300 epochs). Overridable.
+PLUS_TRAIN_DEFAULTS = {"epochs": 20, "lr": 1e-4, "schedule": "step", "step_at": 2 / 3, "warmup_fraction": 0.0,
+                       "select": "last", "max_minutes": 0.0, "patience": 0}
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    plus: PlusConfig = field(default_factory=PlusConfig)
 
 
 def to_dict(config: RunConfig) -> dict[str, Any]:
@@ -86,12 +113,22 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:
-    """Rebuild a :class:`RunConfig`, refusing unknown keys."""
+    """Rebuild a :class:`RunConfig`, refusing unknown keys (runs saved before a section existed get its defaults)."""
     return RunConfig(
         model=_build(ModelConfig, data.get("model", {}), "model"),
         train=_build(TrainConfig, data.get("train", {}), "train"),
         score=_build(ScoreConfig, data.get("score", {}), "score"),
+        plus=_build(PlusConfig, data.get("plus", {}), "plus"),
     )
+
+
+def plus_config(base: RunConfig, **plus: Any) -> RunConfig:
+    """The config of an ADTR+ run started from a run configured as ``base``: its model and
+    scoring, ADTR+ training defaults, and ``plus`` (e.g. ``loss='pixel', init='runs/bottle'``)."""
+    if base.plus.loss != "none":
+        raise AdtrError("start ADTR+ from a plain ADTR run, not from another ADTR+ run")
+    config = with_overrides(base, "train", **PLUS_TRAIN_DEFAULTS)
+    return with_overrides(config, "plus", **plus)
 
 
 def with_overrides(config: RunConfig, section: str, **values: Any) -> RunConfig:

@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from adtr import checkpoint as ckpt_io
-from adtr.config import RunConfig, from_dict
+from adtr.config import RunConfig
 from adtr.data.images import image_to_tensor, read_image, to_rgb
-from adtr.engine import build_backbone, build_model, default_device
+from adtr.engine import default_device, restore_networks
 from adtr.errors import AdtrError
 from adtr.models.adtr import ADTRDetector
 from adtr.postprocess import image_score, pixel_anomaly_map
@@ -68,17 +68,7 @@ class Detector:
         """Rebuild the model from ``run`` (a run folder or its ``model.pt``) alone."""
         path = ckpt_io.find_run_file(Path(run))
         ckpt = ckpt_io.load_checkpoint(path)
-        if ckpt.get("kind") != "model":
-            raise AdtrError(f"{path}: a training checkpoint, not a finished model; run `adtr fit --resume`")
-        config = from_dict(ckpt["config"])
-        backbone = build_backbone(config.model, weights="none")
-        try:
-            backbone.body.load_state_dict(ckpt["backbone"])
-            model = build_model(config.model, backbone.out_channels)
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise AdtrError(f"{path}: weights do not fit the {config.model.backbone} model it names ({first})") from exc
+        config, backbone, model = restore_networks(ckpt, path)
         device = torch.device(device) if device is not None else default_device()
         return cls(config, ADTRDetector(backbone, model).to(device), ckpt["calibration"], device)
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +23,14 @@ import torch
 from tqdm import tqdm
 
 from adtr import checkpoint as ckpt_io
-from adtr.config import ModelConfig, RunConfig, ScoreConfig, TrainConfig, from_dict, to_dict
-from adtr.data import Sample
+from adtr.anomalies import AnomalyPool, confetti_pool, decode_images, labelled_pool, mix_anomalies
+from adtr.config import ModelConfig, PlusConfig, RunConfig, ScoreConfig, TrainConfig, from_dict, to_dict
+from adtr.data.dataset import ImageSource
 from adtr.errors import AdtrError
-from adtr.features import extract_features, loader
-from adtr.models.adtr import ADTR, ADTRDetector, reconstruction_loss
-from adtr.models.backbone import FrozenBackbone
+from adtr.features import extract_features
+from adtr.losses import image_push_pull_loss, pixel_push_pull_loss, pseudo_huber_map
+from adtr.models.adtr import ADTR, RECONSTRUCTORS, ADTROutput, reconstruction_loss
+from adtr.models.backbone import FrozenBackbone, PixelPatches
 from adtr.postprocess import image_score, pixel_anomaly_map, quantile_threshold
 
 log = logging.getLogger(__name__)
@@ -37,38 +41,65 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_backbone(cfg: ModelConfig, weights: str | None = None) -> FrozenBackbone:
+def build_backbone(cfg: ModelConfig, weights: str | None = None) -> FrozenBackbone | PixelPatches:
+    """The frozen feature extractor, or raw pixel patches for the ``target='pixels'`` ablation."""
+    if cfg.target == "pixels":
+        return PixelPatches(cfg.grid_stride)
+    if cfg.target != "features":
+        raise AdtrError(f"unknown reconstruction target {cfg.target!r} (use features or pixels)")
     return FrozenBackbone(cfg.backbone, weights or cfg.weights, cfg.stages, cfg.grid_stride)
 
 
 def build_model(cfg: ModelConfig, in_channels: int) -> ADTR:
     """The one place that turns a :class:`ModelConfig` into an :class:`ADTR`."""
+    if cfg.reconstructor not in RECONSTRUCTORS:
+        raise AdtrError(f"unknown reconstructor {cfg.reconstructor!r} (use {', '.join(RECONSTRUCTORS)})")
     grid = cfg.image_size // cfg.grid_stride
     return ADTR(in_channels, grid, cfg.dim, cfg.num_heads, cfg.num_encoder_layers,
-                cfg.num_decoder_layers, cfg.ffn_dim, cfg.dropout, cfg.error_space)
+                cfg.num_decoder_layers, cfg.ffn_dim, cfg.dropout, cfg.error_space, cfg.reconstructor)
 
 
-def split_train_val(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+def restore_networks(ckpt: dict[str, Any], path: Path) -> tuple[RunConfig, FrozenBackbone | PixelPatches, ADTR]:
+    """Config, backbone and model of a finished run's checkpoint (nothing else is needed)."""
+    if ckpt.get("kind") != "model":
+        raise AdtrError(f"{path}: a training checkpoint, not a finished model; run `adtr fit --resume`")
+    config = from_dict(ckpt["config"])
+    backbone = build_backbone(config.model, weights="none")
+    try:
+        backbone.body.load_state_dict(ckpt["backbone"])
+        model = build_model(config.model, backbone.out_channels)
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise AdtrError(f"{path}: weights do not fit the {config.model.backbone} model it names ({first})") from exc
+    return config, backbone, model
+
+
+def split_train_val(samples: ImageSource, fraction: float, seed: int) -> tuple[ImageSource, ImageSource]:
     """Seeded hold-out of good images for monitoring and calibration (never test data)."""
     n_val = int(round(len(samples) * fraction)) if fraction > 0 else 0
     if len(samples) - n_val < 1:
         raise AdtrError(f"need at least 2 training images to hold out {fraction:.0%}, got {len(samples)}")
     order = np.random.default_rng(seed).permutation(len(samples))
-    val_idx = set(order[:n_val].tolist())
-    train = [s for i, s in enumerate(samples) if i not in val_idx]
-    val = [s for i, s in enumerate(samples) if i in val_idx]
+    is_val = np.zeros(len(samples), dtype=bool)
+    is_val[order[:n_val]] = True
+    if isinstance(samples, np.ndarray):
+        return samples[~is_val], samples[is_val]
+    train = [s for i, s in enumerate(samples) if not is_val[i]]
+    val = [s for i, s in enumerate(samples) if is_val[i]]
     return train, val
 
 
-def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
+def lr_factor(schedule: str, step: int, total: int, warmup: int, step_at: float = 0.8) -> float:
     """Multiplier of the base learning rate at ``step`` of ``total``.
 
-    ``step``: the paper's schedule, x0.1 after 80% of training.
+    ``step``: the paper's schedule, x0.1 from ``step_at`` of training on (ADTR: 400 of
+    500 epochs; ADTR+: the last 100 of 300).
     ``warmup-cosine``: linear warm-up, then cosine decay to 1% (ours: converges in far
     fewer epochs at a higher base rate).
     """
     if schedule == "step":
-        return 0.1 if step >= int(0.8 * total) else 1.0
+        return 0.1 if step >= int(step_at * total) else 1.0
     if schedule == "warmup-cosine":
         if step < warmup:
             return (step + 1) / warmup
@@ -143,8 +174,10 @@ def score_features(model: ADTR, feats: torch.Tensor, image_size: int, score: Sco
     return torch.cat(maps), torch.cat(scores)
 
 
-def image_list(samples: Sequence[Sample]) -> list[str]:
-    """Absolute image paths, stored in the training checkpoint so a resume uses the same data."""
+def image_list(samples: ImageSource) -> list[str]:
+    """Absolute image paths (a digest for an image array), stored so a resume uses the same data."""
+    if isinstance(samples, np.ndarray):
+        return [f"array:{samples.shape}:{hashlib.sha1(np.ascontiguousarray(samples).data).hexdigest()}"]
     return [str(Path(s.image).resolve()) for s in samples]
 
 
@@ -183,9 +216,49 @@ def estimate_epochs(model: ADTR, feats: torch.Tensor, cfg: TrainConfig, device: 
     return max(1, min(cfg.epochs, epochs))
 
 
-def fit(config: RunConfig, samples: Sequence[Sample], run_dir: Path, resume: bool = False,
-        device: torch.device | None = None, on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
-    """Train ADTR on good images and write a calibrated ``run_dir/model.pt``."""
+PLUS_LOSSES = ("pixel", "image")
+PLUS_SOURCES = ("confetti", "defects", "outliers")
+
+
+def check_plus(plus: PlusConfig, anomalies: ImageSource | None) -> None:
+    """Refuse an inconsistent ADTR+ set-up before any work is done."""
+    if plus.loss not in PLUS_LOSSES:
+        raise AdtrError(f"unknown ADTR+ loss {plus.loss!r} (use {' or '.join(PLUS_LOSSES)})")
+    if plus.source not in PLUS_SOURCES:
+        raise AdtrError(f"unknown anomaly source {plus.source!r} (use {', '.join(PLUS_SOURCES)})")
+    if not plus.init:
+        raise AdtrError("ADTR+ fine-tunes a trained ADTR run: give it with --init RUN")
+    if plus.source != "confetti" and anomalies is None:
+        flag = "--defects" if plus.source == "defects" else "--outliers"
+        raise AdtrError(f"anomaly source {plus.source!r} needs its images ({flag} DIR)")
+    if plus.loss == "pixel" and plus.source == "outliers":
+        raise AdtrError("outlier images carry only image labels: use --plus image with --outliers")
+    if not 0.0 < plus.anomaly_prob <= 1.0:
+        raise AdtrError(f"anomaly probability must be in (0, 1], got {plus.anomaly_prob}")
+    if plus.topk < 1 or plus.alpha <= 0 or plus.variants < 1 or plus.refresh_every < 0:
+        raise AdtrError("ADTR+ needs topk >= 1, alpha > 0, variants >= 1 and refresh_every >= 0")
+
+
+def plus_loss(output: ADTROutput, pixel_labels: torch.Tensor, image_labels: torch.Tensor,
+              plus: PlusConfig) -> torch.Tensor:
+    """L_px (Eq. 6-7) or L_img (Eq. 8-9) of a batch whose anomalous samples are labelled."""
+    phi = pseudo_huber_map(output.features, output.reconstruction)  # (B, h, w)
+    if plus.loss == "pixel":
+        return pixel_push_pull_loss(phi, pixel_labels, plus.alpha)
+    return image_push_pull_loss(phi, image_labels, plus.topk, plus.alpha)
+
+
+def fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = False,
+        device: torch.device | None = None, on_epoch: Callable[[dict[str, float]], None] | None = None,
+        anomalies: ImageSource | None = None) -> FitResult:
+    """Train ADTR on good images and write a calibrated ``run_dir/model.pt``.
+
+    With ``config.plus.loss`` set, this is ADTR+ (section 3.3): the model of the run
+    ``config.plus.init`` is fine-tuned with the push-pull loss, on batches where each good
+    sample is replaced by a labelled anomaly with probability ``plus.anomaly_prob``. The
+    anomalies are confetti drawn from the training images, or ``anomalies`` (defective
+    samples with masks, or outlier images).
+    """
     device = device or default_device()
     run_dir = Path(run_dir)
     last_path = run_dir / ckpt_io.LAST_FILE
@@ -200,6 +273,13 @@ def fit(config: RunConfig, samples: Sequence[Sample], run_dir: Path, resume: boo
             raise AdtrError(f"{last_path}: was started on other training images; resume with the same folder")
     elif (run_dir / ckpt_io.MODEL_FILE).exists() or last_path.exists():
         raise AdtrError(f"{run_dir}: already holds a run; use --resume to continue it or pick a new folder")
+    plus = config.plus if config.plus.loss != "none" else None
+    init_model: ADTR | None = None
+    if plus is not None:
+        check_plus(plus, anomalies)
+        init_path = ckpt_io.find_run_file(Path(plus.init))
+        init_config, backbone, init_model = restore_networks(ckpt_io.load_checkpoint(init_path), init_path)
+        config = dataclasses.replace(config, model=init_config.model)  # the architecture is the init run's
     tc, mc = config.train, config.model
     if tc.select not in ("best-val", "last"):  # checked now, not after a whole training run
         raise AdtrError(f"unknown selection {tc.select!r} (use best-val or last)")
@@ -207,17 +287,28 @@ def fit(config: RunConfig, samples: Sequence[Sample], run_dir: Path, resume: boo
     t0 = time.perf_counter()
 
     train_samples, val_samples = split_train_val(samples, tc.val_fraction, tc.seed)
-    backbone = build_backbone(mc)
-    backbone.grid_size(mc.image_size)  # validates the stride
+    if plus is None:
+        backbone = build_backbone(mc)
+    grid = backbone.grid_size(mc.image_size)  # validates the stride
+    backbone.to(device)
     cache = run_dir / "cache" / "train_features.npy"
     train_feats = extract_features(backbone, train_samples, mc.image_size, device, tc.feature_cache, cache,
                                    desc="caching train features")
     val_feats = extract_features(backbone, val_samples, mc.image_size, device, "memory",
-                                 desc="caching val features") if val_samples else None
+                                 desc="caching val features") if len(val_samples) else None
+    pool: AnomalyPool | None = None
+    pool_draw, clean_images = -1, None
+    if plus is not None and plus.source != "confetti":
+        pool = labelled_pool(backbone, anomalies, mc.image_size, grid, device, need_masks=plus.loss == "pixel")
+    elif plus is not None:
+        clean_images = decode_images(train_samples, mc.image_size)
     feature_seconds = time.perf_counter() - t0
 
-    model = build_model(mc, backbone.out_channels)
-    model.set_feature_stats(train_feats)
+    if init_model is not None:
+        model = init_model  # ADTR+ starts from the trained ADTR (its feature statistics included)
+    else:
+        model = build_model(mc, backbone.out_channels)
+        model.set_feature_stats(train_feats)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     history: list[dict[str, float]] = []
@@ -237,19 +328,34 @@ def fit(config: RunConfig, samples: Sequence[Sample], run_dir: Path, resume: boo
     log.info("training %d epochs x %d steps on %d images (%d held out)", epochs, steps_per_epoch,
              len(train_samples), len(val_samples))
 
-    bar = tqdm(range(start_epoch, epochs), desc="fit", unit="epoch", initial=start_epoch, total=epochs)
+    bar = tqdm(range(start_epoch, epochs), desc="fit+" if plus else "fit", unit="epoch", initial=start_epoch,
+               total=epochs)
     for epoch in bar:
         te = time.perf_counter()
+        record: dict[str, float] = {"epoch": epoch + 1}
+        if clean_images is not None:
+            draw = epoch // plus.refresh_every if plus.refresh_every else 0
+            if draw != pool_draw:  # a pure function of (seed, draw): resume redraws the same pool
+                tp = time.perf_counter()
+                pool = confetti_pool(backbone, clean_images, grid, plus.variants, tc.seed, draw, device)
+                pool_draw = draw
+                record["pool_seconds"] = time.perf_counter() - tp
+        mixer = torch.Generator().manual_seed(tc.seed * 7919 + epoch + 1)
         model.train()
         losses = []
         for i, idx in enumerate(batch_order(len(train_feats), tc.batch_size, tc.seed, epoch)):
             step = epoch * steps_per_epoch + i
             for group in opt.param_groups:
-                group["lr"] = tc.lr * lr_factor(tc.schedule, step, total_steps, warmup)
-            x = train_feats[idx].to(device, non_blocking=True)
+                group["lr"] = tc.lr * lr_factor(tc.schedule, step, total_steps, warmup, tc.step_at)
+            x = train_feats[idx]
+            if pool is not None:
+                x, pixel_labels, image_labels = mix_anomalies(x, pool, plus.anomaly_prob, mixer)
             with autocast(tc.precision, device):
-                out = model(x)
-            loss = reconstruction_loss(out)
+                out = model(x.to(device, non_blocking=True))
+            if pool is not None:
+                loss = plus_loss(out, pixel_labels.to(device), image_labels.to(device), plus)
+            else:
+                loss = reconstruction_loss(out)
             if not torch.isfinite(loss):
                 raise AdtrError(f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr")
             opt.zero_grad(set_to_none=True)
@@ -259,8 +365,8 @@ def fit(config: RunConfig, samples: Sequence[Sample], run_dir: Path, resume: boo
             opt.step()
             losses.append(loss.item())
         train_seconds += time.perf_counter() - te
-        record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
-                  "seconds": train_seconds}
+        record.update({"train_loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
+                       "seconds": train_seconds})
         if val_feats is not None:
             record["val_loss"] = mean_loss(model, val_feats, device, tc.precision)
             if record["val_loss"] < best["val_loss"]:
@@ -303,7 +409,7 @@ def fit(config: RunConfig, samples: Sequence[Sample], run_dir: Path, resume: boo
     return FitResult(run_dir, epochs, seconds, history, threshold, selected_epoch)
 
 
-def save_model(path: Path, config: RunConfig, backbone: FrozenBackbone, model: ADTR,
+def save_model(path: Path, config: RunConfig, backbone: FrozenBackbone | PixelPatches, model: ADTR,
                calibration: dict[str, Any], history: list[dict[str, float]], fit_seconds: float) -> None:
     """The finished, self-contained model: predict needs nothing else (not even the weights package)."""
     ckpt_io.atomic_save({

@@ -6,7 +6,6 @@ large ones (over ``MEMORY_LIMIT_BYTES``) in a memory-mapped ``.npy`` file.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +13,19 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from adtr.data import ImageDataset, Sample
+from adtr.data.dataset import ImageSource, as_dataset
 from adtr.models.backbone import FrozenBackbone
 
 MEMORY_LIMIT_BYTES = 4 * 1024**3
 
 
-def loader(samples: Sequence[Sample], image_size: int, batch_size: int, workers: int = 0) -> DataLoader:
-    """Ordered loader over samples (decoding in ``workers`` processes)."""
-    return DataLoader(ImageDataset(samples, image_size), batch_size=batch_size, shuffle=False,
+def loader(samples: ImageSource, image_size: int, batch_size: int, workers: int = 0) -> DataLoader:
+    """Ordered loader over samples or an image array (decoding in ``workers`` processes)."""
+    return DataLoader(as_dataset(samples, image_size), batch_size=batch_size, shuffle=False,
                       num_workers=workers, persistent_workers=False)
 
 
-def extract_features(backbone: FrozenBackbone, samples: Sequence[Sample], image_size: int,
+def extract_features(backbone: FrozenBackbone, samples: ImageSource, image_size: int,
                      device: torch.device, mode: str = "auto", cache_file: Path | None = None,
                      batch_size: int = 16, desc: str = "features") -> torch.Tensor:
     """Features of every sample, (N, C, h, w) float32, in sample order.

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+from adtr.data.cifar import (
+    CIFAR10_CLASSES,
+    ImageArray,
+    OneClassSplit,
+    load_cifar,
+    one_class_split,
+    save_cifar_pickle,
+    save_class_folders,
+)
 from adtr.data.dataset import ImageDataset, validate_readable
 from adtr.data.folder import index_folder, index_test_folder
 from adtr.data.images import (
@@ -16,8 +25,11 @@ from adtr.data.mvtec import index_mvtec, list_mvtec_categories
 from adtr.data.samples import Sample, has_masks
 
 __all__ = [
+    "CIFAR10_CLASSES",
     "IMAGE_SUFFIXES",
+    "ImageArray",
     "ImageDataset",
+    "OneClassSplit",
     "Sample",
     "has_masks",
     "image_to_tensor",
@@ -26,8 +38,12 @@ __all__ = [
     "index_test_folder",
     "list_images",
     "list_mvtec_categories",
+    "load_cifar",
+    "one_class_split",
     "read_image",
     "read_mask",
+    "save_cifar_pickle",
+    "save_class_folders",
     "validate_readable",
     "verify_image",
 ]

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from adtr.data.images import image_to_tensor, read_image, read_mask, verify_image
@@ -45,6 +47,41 @@ class ImageDataset(Dataset):
             "label": torch.tensor(sample.label, dtype=torch.long),
             "index": index,
         }
+
+
+class ArrayDataset(Dataset):
+    """In-memory uint8 images (N, H, W, 3), e.g. CIFAR, with the same items as :class:`ImageDataset`."""
+
+    def __init__(self, images: np.ndarray, image_size: int) -> None:
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise AdtrError(f"image array must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        if len(images) == 0:
+            raise AdtrError("no images to load: the image array is empty")
+        self.images = images
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        size = self.image_size
+        return {
+            "image": image_to_tensor(Image.fromarray(self.images[index]), size),
+            "mask": torch.zeros(1, size, size),
+            "label": torch.tensor(0, dtype=torch.long),
+            "index": index,
+        }
+
+
+#: What training and feature extraction accept: indexed files or an in-memory image array.
+ImageSource = Sequence[Sample] | np.ndarray
+
+
+def as_dataset(source: ImageSource, image_size: int) -> Dataset:
+    """The right Dataset for a list of samples or a uint8 image array."""
+    if isinstance(source, np.ndarray):
+        return ArrayDataset(source, image_size)
+    return ImageDataset(source, image_size)
 
 
 def validate_readable(samples: Iterable[Sample]) -> None:

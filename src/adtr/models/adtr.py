@@ -14,7 +14,10 @@ from torch import nn
 
 from adtr.errors import AdtrError
 from adtr.models.backbone import FrozenBackbone
-from adtr.models.transformer import ReconstructionTransformer
+from adtr.models.transformer import ConvReconstructor, ReconstructionTransformer, matching_conv_blocks
+
+#: Reconstruction networks: the paper's model and its Table-4 ablations.
+RECONSTRUCTORS = ("transformer", "no-attention", "no-query", "cnn")
 
 
 class ADTROutput(NamedTuple):
@@ -40,6 +43,15 @@ class ADTR(nn.Module):
         error_space: ``features`` measures the error in the backbone's own units, as
             Eq. 1-3 do; ``standardized`` divides each channel's error by its training
             standard deviation, so every channel weighs the same.
+        reconstructor: one of :data:`RECONSTRUCTORS`, the network between the input
+            and output projections. ``transformer`` is the paper's model;
+            the others are its Table-4 ablations, kept to measure why it works:
+            ``no-attention`` replaces every attention by concatenation + projection
+            (no token mixing); ``no-query`` drops ``query_embed`` and feeds the
+            decoder the encoder output; ``cnn`` replaces the transformer (and both
+            embeddings) by :class:`ConvReconstructor` ResNet blocks of about the same
+            parameter count, stored as ``self.cnn``. The default keeps the state-dict
+            keys of earlier checkpoints.
 
     The buffers ``feature_mean`` and ``feature_std`` (per channel, set from the
     training features by :meth:`set_feature_stats`) standardise the transformer's
@@ -51,23 +63,32 @@ class ADTR(nn.Module):
 
     def __init__(self, in_channels: int, grid_size: int, dim: int = 256, num_heads: int = 8,
                  num_encoder_layers: int = 4, num_decoder_layers: int = 4, ffn_dim: int = 1024,
-                 dropout: float = 0.1, error_space: str = "features") -> None:
+                 dropout: float = 0.1, error_space: str = "features", reconstructor: str = "transformer") -> None:
         super().__init__()
         if error_space not in ("features", "standardized"):
             raise ValueError(f"error_space must be 'features' or 'standardized', not {error_space!r}")
+        if reconstructor not in RECONSTRUCTORS:
+            raise ValueError(f"reconstructor must be one of {', '.join(RECONSTRUCTORS)}, not {reconstructor!r}")
         self.grid_size = grid_size
         self.error_space = error_space
+        self.reconstructor = reconstructor
         self.register_buffer("feature_mean", torch.zeros(1, in_channels, 1, 1))
         self.register_buffer("feature_std", torch.ones(1, in_channels, 1, 1))
         self.input_proj = nn.Conv2d(in_channels, dim, kernel_size=1)
         self.output_proj = nn.Conv2d(dim, in_channels, kernel_size=1)
-        num_tokens = grid_size * grid_size
-        self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
-        self.query_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
-        nn.init.uniform_(self.pos_embed)  # DETR's nn.Embedding-style tables, init as in its learned PE
-        nn.init.normal_(self.query_embed)
-        self.transformer = ReconstructionTransformer(
-            dim, num_heads, num_encoder_layers, num_decoder_layers, ffn_dim, dropout)
+        if reconstructor == "cnn":
+            self.cnn = ConvReconstructor(
+                dim, matching_conv_blocks(dim, ffn_dim, num_encoder_layers, num_decoder_layers))
+        else:
+            num_tokens = grid_size * grid_size
+            self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
+            nn.init.uniform_(self.pos_embed)  # DETR's nn.Embedding-style tables, init as in its learned PE
+            if reconstructor != "no-query":
+                self.query_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
+                nn.init.normal_(self.query_embed)
+            self.transformer = ReconstructionTransformer(
+                dim, num_heads, num_encoder_layers, num_decoder_layers, ffn_dim, dropout,
+                attention=reconstructor != "no-attention")
 
     @torch.no_grad()
     def set_feature_stats(self, features: torch.Tensor) -> None:
@@ -91,9 +112,13 @@ class ADTR(nn.Module):
                 f"feature grid {h}x{w} does not match the model's {self.grid_size}x{self.grid_size}: "
                 f"use the image size the model was trained with")
         x = self.input_proj((features - self.feature_mean) / self.feature_std)  # (B, D, h, w)
-        tokens = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
-        out = self.transformer(tokens, self.pos_embed, self.query_embed)  # (B, h*w, D)
-        out = out.transpose(1, 2).reshape(b, -1, h, w)  # (B, D, h, w)
+        if self.reconstructor == "cnn":
+            out = self.cnn(x)  # (B, D, h, w)
+        else:
+            tokens = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
+            query = None if self.reconstructor == "no-query" else self.query_embed
+            out = self.transformer(tokens, self.pos_embed, query)  # (B, h*w, D)
+            out = out.transpose(1, 2).reshape(b, -1, h, w)  # (B, D, h, w)
         recon = self.output_proj(out) * self.feature_std + self.feature_mean  # (B, C, h, w)
         diff = (features - recon).float()
         if self.error_space == "standardized":

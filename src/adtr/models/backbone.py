@@ -170,3 +170,52 @@ class FrozenBackbone(nn.Module):
                     f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
             feats.append(f)
         return torch.cat(feats, dim=1)  # (B, C, h, w)
+
+
+class PixelPatches(nn.Module):
+    """Raw pixel patches as the reconstruction target (Table 4, "pixels" instead of features).
+
+    A stand-in for :class:`FrozenBackbone` with the same interface: each ``s x s``
+    patch becomes one grid cell of ``3*s*s`` channels, so ADTR reconstructs pixels on
+    the same grid it would reconstruct features on. There is nothing to learn or
+    load; ``body`` is an empty module so checkpoints save and load the same way.
+
+    Args:
+        grid_stride: patch side s (16: a 16x16 grid of 768 channels at 256x256 input).
+    """
+
+    def __init__(self, grid_stride: int = 16) -> None:
+        super().__init__()
+        self.body = nn.Identity()
+        self.name = "pixels"
+        self.stages: tuple[int, ...] = ()
+        self.grid_stride = grid_stride
+        self.channels = (3 * grid_stride * grid_stride,)
+        self.reductions = (grid_stride,)
+        self.eval()
+
+    @property
+    def out_channels(self) -> int:
+        return sum(self.channels)
+
+    def train(self, mode: bool = True) -> PixelPatches:
+        """Always in eval mode, like :class:`FrozenBackbone`."""
+        return super().train(False)
+
+    def grid_size(self, image_size: int) -> int:
+        if image_size % self.grid_stride:
+            raise AdtrError(f"image size {image_size} is not a multiple of the grid stride {self.grid_stride}")
+        return image_size // self.grid_stride
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixel patches on the grid.
+
+        Args:
+            images: (B, 3, H, W) RGB in [0, 1].
+
+        Returns:
+            (B, 3*s*s, H / s, W / s) in [-1, 1]; channel ``c*s*s + i*s + j`` of cell
+            (y, x) is colour c of pixel (y*s + i, x*s + j), as ``F.pixel_unshuffle`` orders it.
+        """
+        return F.pixel_unshuffle((images - 0.5) / 0.5, self.grid_stride)

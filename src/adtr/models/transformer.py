@@ -5,6 +5,10 @@ and keys of *every* attention layer (never to the values), as in DETR's
 ``with_pos_embed``; the decoder's input is a learned auxiliary query embedding
 rather than zeros. Attention runs through ``F.scaled_dot_product_attention`` so
 fused kernels are used where the platform has them.
+
+The paper's Table-4 ablations live here too: :class:`ConcatProjection` (attention
+replaced by concatenation + projection), ``query=None`` (no auxiliary query) and
+:class:`ConvReconstructor` (a CNN of similar size instead of the transformer).
 """
 
 from __future__ import annotations
@@ -41,6 +45,32 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(y)
 
 
+class ConcatProjection(nn.Module):
+    """Drop-in for :class:`MultiHeadAttention` that mixes no tokens (Table 4, "w/o attention").
+
+    Each output position sees only its own query and value, ``Linear(cat([q, v]))``,
+    so removing attention removes all communication between tokens while keeping the
+    position embedding (carried by the query) and a comparable layer shape.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(2 * dim, dim)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """query (B, Lq, D), key and value (B, Lk, D) with Lq == Lk -> (B, Lq, D); key is unused."""
+        if query.shape[1] != value.shape[1]:
+            raise ValueError(
+                f"ConcatProjection pairs positions one to one: query has {query.shape[1]} tokens, "
+                f"value has {value.shape[1]}")
+        return self.proj(torch.cat([query, value], dim=-1))  # (B, L, 2D) -> (B, L, D)
+
+
+def make_attention(dim: int, num_heads: int, dropout: float, attention: bool) -> nn.Module:
+    """Multi-head attention, or its token-local ablation when ``attention`` is False."""
+    return MultiHeadAttention(dim, num_heads, dropout) if attention else ConcatProjection(dim)
+
+
 class FeedForward(nn.Module):
     """Position-wise FFN D -> hidden -> D with ReLU."""
 
@@ -55,11 +85,15 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Self-attention then FFN, each with residual and post-LayerNorm."""
+    """Self-attention then FFN, each with residual and post-LayerNorm.
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float) -> None:
+    ``attention=False`` swaps the attention for a :class:`ConcatProjection`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, *,
+                 attention: bool = True) -> None:
         super().__init__()
-        self.self_attn = MultiHeadAttention(dim, num_heads, dropout)
+        self.self_attn = make_attention(dim, num_heads, dropout, attention)
         self.ffn = FeedForward(dim, ffn_dim, dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
@@ -73,12 +107,16 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Self-attention, cross-attention to the encoder output, FFN (post-norm)."""
+    """Self-attention, cross-attention to the encoder output, FFN (post-norm).
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float) -> None:
+    ``attention=False`` swaps both attentions for :class:`ConcatProjection`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, *,
+                 attention: bool = True) -> None:
         super().__init__()
-        self.self_attn = MultiHeadAttention(dim, num_heads, dropout)
-        self.cross_attn = MultiHeadAttention(dim, num_heads, dropout)
+        self.self_attn = make_attention(dim, num_heads, dropout, attention)
+        self.cross_attn = make_attention(dim, num_heads, dropout, attention)
         self.ffn = FeedForward(dim, ffn_dim, dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
@@ -102,15 +140,21 @@ class ReconstructionTransformer(nn.Module):
         num_encoder_layers: 4. num_decoder_layers: 4.
         ffn_dim: FFN hidden width (1024).
         dropout: dropout in attention and FFN (DETR's 0.1).
+        attention: False replaces every attention by a :class:`ConcatProjection`
+            (Table 4's "w/o attention": no token ever sees another).
     """
 
     def __init__(self, dim: int = 256, num_heads: int = 8, num_encoder_layers: int = 4,
-                 num_decoder_layers: int = 4, ffn_dim: int = 1024, dropout: float = 0.1) -> None:
+                 num_decoder_layers: int = 4, ffn_dim: int = 1024, dropout: float = 0.1, *,
+                 attention: bool = True) -> None:
         super().__init__()
+        self.attention = attention
         self.encoder = nn.ModuleList(
-            EncoderLayer(dim, num_heads, ffn_dim, dropout) for _ in range(num_encoder_layers))
+            EncoderLayer(dim, num_heads, ffn_dim, dropout, attention=attention)
+            for _ in range(num_encoder_layers))
         self.decoder = nn.ModuleList(
-            DecoderLayer(dim, num_heads, ffn_dim, dropout) for _ in range(num_decoder_layers))
+            DecoderLayer(dim, num_heads, ffn_dim, dropout, attention=attention)
+            for _ in range(num_decoder_layers))
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -119,13 +163,15 @@ class ReconstructionTransformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, query: torch.Tensor | None) -> torch.Tensor:
         """Reconstruct tokens.
 
         Args:
             tokens: (B, L, D) projected features.
             pos: (1, L, D) position embedding, added to q and k in every attention.
-            query: (1, L, D) auxiliary query embedding, the decoder's input.
+            query: (1, L, D) auxiliary query embedding, the decoder's input; ``None``
+                feeds the decoder the encoder output instead (Table 4, "w/o query"),
+                which lets it copy its input and so weakens the "identical shortcut" guard.
 
         Returns:
             (B, L, D) reconstructed tokens.
@@ -133,7 +179,72 @@ class ReconstructionTransformer(nn.Module):
         memory = tokens
         for layer in self.encoder:
             memory = layer(memory, pos)
-        out = query.expand(tokens.shape[0], -1, -1)
+        out = memory if query is None else query.expand(tokens.shape[0], -1, -1)
         for layer in self.decoder:
             out = layer(out, memory, pos)
         return out
+
+
+def group_count(channels: int, max_groups: int = 32) -> int:
+    """Largest divisor of ``channels`` not above ``max_groups`` (GroupNorm needs a divisor)."""
+    return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: conv3x3-GN-ReLU-conv3x3-GN, plus identity skip, then ReLU.
+
+    GroupNorm instead of BatchNorm so the block behaves the same at any batch size
+    and in train and eval mode, like the transformer's LayerNorm.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size=3, padding=1, bias=False)
+        self.norm1 = nn.GroupNorm(group_count(dim), dim)
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size=3, padding=1, bias=False)
+        self.norm2 = nn.GroupNorm(group_count(dim), dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, D, h, w) -> (B, D, h, w)."""
+        y = F.relu(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(y))
+        return F.relu(x + y)
+
+
+class ConvReconstructor(nn.Module):
+    """A stack of ResNet basic blocks in place of the transformer (Table 4, "CNN").
+
+    Only local 3x3 mixing and no auxiliary query: the paper's baseline showing that
+    a CNN of similar size reconstructs anomalies too well. Use
+    :func:`matching_conv_blocks` for the number of blocks that matches a transformer.
+    """
+
+    def __init__(self, dim: int, num_blocks: int) -> None:
+        super().__init__()
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be at least 1, not {num_blocks}")
+        self.blocks = nn.Sequential(*(BasicBlock(dim) for _ in range(num_blocks)))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, D, h, w) -> (B, D, h, w)."""
+        return self.blocks(x)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def matching_conv_blocks(dim: int, ffn_dim: int, num_encoder_layers: int, num_decoder_layers: int) -> int:
+    """Number of :class:`ConvReconstructor` blocks whose size is closest to the transformer's.
+
+    Both are built on the meta device (no memory, no init cost) and counted. At the
+    paper's sizes (256, 1024, 4 + 4) this gives 6 blocks, 7.08M vs 7.37M parameters.
+    """
+    with torch.device("meta"):
+        target = count_parameters(ReconstructionTransformer(
+            dim, 1, num_encoder_layers, num_decoder_layers, ffn_dim, 0.0))
+        per_block = count_parameters(BasicBlock(dim))
+    return max(1, round(target / per_block))

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adtr.config import with_overrides
+from adtr.data import ImageArray, load_cifar, one_class_split, save_cifar_pickle, save_class_folders
+from adtr.oneclass import one_class_config, run_one_class, score_images
+
+
+def tiny_cifar(seed: int = 0) -> tuple[ImageArray, ImageArray]:
+    """Three classes of 32x32 images that differ in mean colour, so one class is separable."""
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        labels = np.repeat(np.arange(3), n)
+        base = np.array([[40, 40, 40], [200, 60, 60], [60, 200, 60]])[labels]
+        images = np.clip(base[:, None, None, :] + rng.normal(0, 20, (len(labels), 32, 32, 3)), 0, 255)
+        return ImageArray(images.astype(np.uint8), labels.astype(np.int64), ("a", "b", "c"))
+
+    return split(12), split(6)
+
+
+@pytest.mark.parametrize("layout", ["cifar10", "folders"])
+def test_one_class_protocol_on_both_layouts(tmp_path, layout):
+    train, test = tiny_cifar()
+    if layout == "folders":
+        root = save_class_folders(tmp_path / "data", train, test)
+    else:
+        root = save_cifar_pickle(tmp_path / "data", train, test, "cifar10")
+    train, test = load_cifar(root, "train"), load_cifar(root, "test")
+    split = one_class_split(train, test, "a", n_anomalous=6, seed=0)
+    cfg = with_overrides(one_class_config(epochs=2, batch_size=8), "model", weights="none")
+    outliers = np.random.default_rng(1).integers(0, 255, (12, 32, 32, 3), dtype=np.uint8)
+    res = run_one_class(split.train, split.test, split.test_labels, tmp_path / "runs", cfg, outliers=outliers,
+                        plus_epochs=1)
+    assert set(res) == {"adtr", "adtr_plus"}
+    assert 0.0 <= res["adtr"].image_auroc <= 1.0 and res["adtr"].epochs == 2 and res["adtr_plus"].epochs == 1
+    assert (tmp_path / "runs" / "adtr_plus" / "model.pt").is_file()
+
+
+def test_score_is_the_mean_of_the_map(tmp_path):
+    from adtr.detector import Detector
+    from adtr.engine import fit
+
+    train, _ = tiny_cifar()
+    cfg = with_overrides(one_class_config(epochs=1, batch_size=8), "model", weights="none")
+    fit(cfg, train.images[:8], tmp_path / "run")
+    det = Detector.load(tmp_path / "run")
+    images = train.images[8:12]
+    scores = score_images(det, images, batch_size=3)
+    maps = np.stack([p.anomaly_map for p in det.predict(list(images))])
+    np.testing.assert_allclose(scores, maps.mean(axis=(1, 2)), rtol=1e-4)
