@@ -55,3 +55,16 @@ def test_topk_and_image_loss():
     assert image_push_pull_loss(phi, torch.tensor([0]), k=4).item() == pytest.approx(q.item())
     expected = -0.003 * math.log(1 - math.exp(-q.item()))
     assert image_push_pull_loss(phi, torch.tensor([1]), k=4).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_hand_computed_values_for_all_normal_and_all_anomalous_batches():
+    phi = torch.full((2, 2, 2), 0.5)
+    # All normal: the pull term alone, mean phi = 0.5.
+    assert pixel_push_pull_loss(phi, torch.zeros(2, 2, 2)).item() == pytest.approx(0.5)
+    # All anomalous: no pull; push = -0.003 * ln(1 - e^-0.5) = -0.003 * ln(0.393469) = 0.0027982.
+    assert pixel_push_pull_loss(phi, torch.ones(2, 2, 2)).item() == pytest.approx(0.0027982, rel=1e-4)
+    # Image level, k = 2 of 4 cells at 0.5: q = 0.5, the same two values.
+    assert image_push_pull_loss(phi, torch.zeros(2), k=2).item() == pytest.approx(0.5)
+    assert image_push_pull_loss(phi, torch.ones(2), k=2).item() == pytest.approx(0.0027982, rel=1e-4)
+    # phi = 0 on an anomalous cell: the clamp keeps the push term finite (-0.003 * ln(1e-6) = 0.041447).
+    assert pixel_push_pull_loss(torch.zeros(1, 1, 1), torch.ones(1, 1, 1)).item() == pytest.approx(0.041447, rel=1e-3)

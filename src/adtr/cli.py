@@ -100,22 +100,26 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                          select=args.select, patience=args.patience)
     cfg = with_overrides(cfg, "score", sigma=args.sigma, pool_size=args.pool_size, target_fpr=args.target_fpr)
     if plus:
-        source, data = "confetti", None
+        source, data, masks = "confetti", None, None
         if args.defects and args.outliers:
             raise AdtrError("give --defects or --outliers, not both")
+        if args.defect_masks and not args.defects:
+            raise AdtrError("--defect-masks goes with --defects")
         if args.defects:
             source, data = "defects", str(Path(args.defects).resolve())
+            masks = str(Path(args.defect_masks).resolve()) if args.defect_masks else None
         elif args.outliers:
             source, data = "outliers", str(Path(args.outliers).resolve())
-        cfg = with_overrides(cfg, "plus", loss=plus, init=str(Path(args.init).resolve()), source=source, data=data,
+        cfg = with_overrides(cfg, "plus", loss=plus, init=str(Path(args.init).resolve()), source=source, data=data, masks=masks,
                              alpha=args.alpha, topk=args.topk, anomaly_prob=args.anomaly_prob,
                              variants=args.variants, refresh_every=args.refresh_every)
-    elif any(getattr(args, n, None) is not None for n in ("init", "defects", "outliers")):
-        raise AdtrError("--init, --defects and --outliers belong to ADTR+: add --plus pixel or --plus image")
+    elif any(getattr(args, n, None) is not None for n in ("init", "defects", "defect_masks", "outliers")):
+        raise AdtrError("--init, --defects, --defect-masks and --outliers belong to ADTR+: add --plus pixel or "
+                        "--plus image")
     return cfg
 
 
-def load_anomalies(config: RunConfig, args: argparse.Namespace):
+def load_anomalies(config: RunConfig):
     """The known anomalies of an ADTR+ run (none for confetti, which is drawn from the training images)."""
     from adtr.data import validate_readable
 
@@ -123,8 +127,7 @@ def load_anomalies(config: RunConfig, args: argparse.Namespace):
     if plus.loss == "none" or plus.source == "confetti":
         return None
     if plus.source == "defects":
-        masks = getattr(args, "defect_masks", None)
-        anomalies = resolve_defect_samples(Path(plus.data), Path(masks) if masks else None)
+        anomalies = resolve_defect_samples(Path(plus.data), Path(plus.masks) if plus.masks else None)
     else:
         anomalies = resolve_outlier_samples(Path(plus.data))
     validate_readable(anomalies)
@@ -150,7 +153,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         config = from_dict(saved["config"])  # a resumed run keeps its own config
     else:
         config = config_from_args(args)
-    anomalies = load_anomalies(config, args)
+    anomalies = load_anomalies(config)
     result = fit(config, samples, Path(args.out), resume=args.resume, anomalies=anomalies)
     print(f"fitted {result.epochs} epochs in {result.seconds:.0f} s; image threshold {result.threshold:.4f}")
     print(f"run saved to {Path(args.out) / 'model.pt'}")

@@ -3,8 +3,8 @@
 Random axis-aligned squares, rotated by up to 45 degrees, 8-54 px wide at 224 px (scaled
 to the image size), filled with a random colour per blob (or a random grey), added to a
 good image, smoothed with a Gaussian (std 5 px at 224 px), clamped to [0, 1]. At least one
-blob per image. The pixel label is "this pixel changed". Groundwork for the ADTR+ issue:
-``fit`` does not use it yet.
+blob per image. The pixel label is "this pixel changed". ``adtr.anomalies`` draws the
+cached pool of corrupted training images from it.
 """
 
 from __future__ import annotations

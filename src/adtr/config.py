@@ -73,7 +73,8 @@ class PlusConfig:
     loss: str = "none"  # none (plain ADTR) | pixel (Eq. 6-7, needs pixel labels) | image (Eq. 8-9)
     init: str = ""  # run folder of the trained ADTR model to start from (paper: ADTR+ starts from ADTR)
     source: str = "confetti"  # confetti (synthetic, FCDD) | defects (real images with masks) | outliers
-    data: str = ""  # folder of the defects or outlier images (recorded for reproducibility)
+    data: str = ""  # folder of the defects or outlier images (recorded so a resume finds them again)
+    masks: str = ""  # mask folder of a test-layout defects folder
     alpha: float = 0.003  # weight of the push term (paper)
     topk: int = 20  # k of the image-level score q (Eq. 8; paper: 20)
     anomaly_prob: float = 0.5  # chance that a training sample is replaced by an anomaly (FCDD: 0.5)

@@ -1,7 +1,7 @@
 """ADTR+ losses for the anomaly-available case (paper section 3.3, Eq. 6-9).
 
-Groundwork for the ADTR+ training issue: the functions are pure and numerically stable;
-``fit`` does not use them yet.
+Pure, numerically stable functions; ``engine.fit`` applies them when ``config.plus.loss``
+is ``pixel`` (Eq. 7) or ``image`` (Eq. 9).
 """
 
 from __future__ import annotations
