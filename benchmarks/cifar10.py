@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--outliers", type=Path, help="outlier set in a CIFAR layout (e.g. cifar-100-python)")
     parser.add_argument("--outlier-mvtec", type=Path, help="MVTec AD root for substitute outliers (random crops)")
     parser.add_argument("--classes", nargs="+", help="class names (default: all)")
-    parser.add_argument("--epochs", type=int, default=3, help="ADTR epochs (paper: 500)")
+    parser.add_argument("--epochs", type=int, default=2, help="ADTR epochs (paper: 500)")
     parser.add_argument("--plus-epochs", type=int, default=1, help="ADTR+ epochs (paper: 300)")
     parser.add_argument("--batch-size", type=int, default=32, help="paper: 128")
     parser.add_argument("--seed", type=int, default=0)
