@@ -74,3 +74,17 @@ def test_compatibility_check_names_the_difference(tmp_path):
         ckpt_io.check_compatible(ckpt, tmp_path / "m.pt", backbone="resnet18")
     with pytest.raises(AdtrError, match="expects 256px images, not 128px"):
         ckpt_io.check_compatible(ckpt, tmp_path / "m.pt", image_size=128)
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from adtr.checkpoint import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(b"x", tmp_path / "f.bin")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o644

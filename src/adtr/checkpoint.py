@@ -34,15 +34,23 @@ def versions() -> dict[str, str]:
     return {"adtr": package_version(), "torch": str(torch.__version__)}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(data: bytes, path: Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``.
 
     A crash at any moment leaves either the old file or the new one, never half of one.
+    The file gets the permissions a plain ``open`` would give it (mkstemp's are 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
