@@ -1,0 +1,199 @@
+"""Speed against the limits of this machine: roofline, FLOPs, latency, training throughput.
+
+    python benchmarks/speed.py [--run RUN] [--threads N]
+
+1. Roofline: the matrix-multiply throughput this machine delivers (a large fp32 and a
+   bf16 matmul, timed first, in the same process).
+2. FLOPs of the model per image (backbone, transformer + map), counted by
+   ``torch.utils.flop_counter``; a training step on cached features is counted as 3x its
+   forward pass (backward = 2x forward).
+3. Latency: ms/image at batch 1 and 32 for backbone, transformer (+ map and score) and
+   total, in fp32 and with bf16 autocast, image already decoded; images/s; the fraction
+   of the roofline achieved (FLOPs / time / matmul throughput of that precision).
+4. Training: GFLOP/s of a step (forward, backward, AdamW) at the default batch size.
+5. Peak resident memory, and the agreement of bf16 with the fp32 reference.
+
+Writes ``speed.json`` and ``speed.md``. Without ``--run`` the model is built from the
+default config with packaged backbone weights and an untrained transformer (speed does
+not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return 2 * n**3 / median_seconds(lambda: a @ b, repeats) / 1e9
+
+
+def count_flops(fn) -> int:
+    """FLOPs of ``fn()``; call it on modules without trainable parameters (the counter's
+    module tracker trips over parameters that require grad inside no_grad)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def build(run: Path | None):
+    from adtr.config import RunConfig
+    from adtr.detector import Detector
+    from adtr.engine import build_backbone, build_model
+
+    if run is not None:
+        det = Detector.load(run, device="cpu")
+        return det.network.backbone, det.network.model, det.config
+    cfg = RunConfig()
+    backbone = build_backbone(cfg.model)
+    return backbone, build_model(cfg.model, backbone.out_channels).eval(), cfg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, help="a run folder (default: untrained default model)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from adtr.engine import autocast
+    from adtr.models.adtr import reconstruction_loss
+    from adtr.postprocess import image_score, pixel_anomaly_map
+
+    cpu = torch.device("cpu")
+    roof = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    backbone, model, cfg = build(args.run)
+    size = cfg.model.image_size
+    images = torch.rand(32, 3, size, size)
+
+    def head(feats, net=model):
+        out = net(feats)
+        pmap = pixel_anomaly_map(out.anomaly_map, (size, size), cfg.score.sigma)
+        return image_score(pmap, cfg.score.pool_size)
+
+    with torch.no_grad():
+        feats32 = backbone(images)
+        flops_backbone = count_flops(lambda: backbone(images[:1]))
+        frozen = copy.deepcopy(model).requires_grad_(False)
+        flops_head = count_flops(lambda: head(feats32[:1], frozen))
+
+    latency = {}
+    for precision in ("fp32", "bf16"):
+        for bs in (1, 32):
+            x, f = images[:bs], feats32[:bs]
+            reps = 20 if bs == 1 else 3
+            with torch.no_grad(), autocast(precision, cpu):
+                t_backbone = median_seconds(lambda: backbone(x), reps)
+                t_head = median_seconds(lambda: head(f), reps)
+            total = t_backbone + t_head
+            flops = (flops_backbone + flops_head) * bs
+            latency[f"{precision}_b{bs}"] = {
+                "ms_backbone": 1000 * t_backbone / bs, "ms_transformer": 1000 * t_head / bs,
+                "ms_total": 1000 * total / bs, "images_per_s": bs / total,
+                "roofline_fraction": flops / total / 1e9 / roof[precision],
+                "ms_at_roofline": 1000 * (flops_backbone + flops_head) / 1e9 / roof[precision],
+            }
+
+    with torch.no_grad():
+        ref = head(feats32[:8])
+        with autocast("bf16", cpu):
+            fast = head(feats32[:8]).float()
+    agreement = float(((fast - ref).abs() / ref.abs().clamp_min(1e-6)).max())
+
+    train = {}
+    batch = feats32[: cfg.train.batch_size]
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+    def step(precision):
+        with autocast(precision, cpu):
+            loss = reconstruction_loss(model(batch))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with torch.no_grad():  # backward costs about twice the forward (the usual 3x rule for a training step)
+        step_flops = 3 * count_flops(lambda: frozen(batch))
+    for precision in ("fp32", "bf16"):
+        t = median_seconds(lambda: step(precision), 5)
+        train[precision] = {"ms_per_step": 1000 * t, "gflops_per_s": step_flops / t / 1e9,
+                            "roofline_fraction": step_flops / t / 1e9 / roof[precision]}
+    model.eval()
+
+    result = {
+        "commit": git_commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "image_size": size,
+        "backbone": cfg.model.backbone, "roofline_gflops": roof,
+        "gflops_per_image": {"backbone": flops_backbone / 1e9, "transformer_map_score": flops_head / 1e9},
+        "train_step_gflops": step_flops / 1e9, "train_batch_size": cfg.train.batch_size,
+        "latency": latency, "train": train, "bf16_max_relative_score_difference": agreement,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = markdown(result)
+    (args.out / "speed.md").write_text(text)
+    print(text)
+
+
+def markdown(r: dict) -> str:
+    g = r["gflops_per_image"]
+    lines = [
+        f"# Speed on this machine ({r['threads']} threads, {r['machine']}, torch {r['torch']})\n",
+        f"Commit `{r['commit'][:12]}`, {r['backbone']} at {r['image_size']}x{r['image_size']}.\n",
+        f"Roofline (2048x2048 matmul): fp32 {r['roofline_gflops']['fp32']:.0f} GFLOP/s, "
+        f"bf16 {r['roofline_gflops']['bf16']:.0f} GFLOP/s. Model: {g['backbone']:.2f} GFLOP backbone + "
+        f"{g['transformer_map_score']:.2f} GFLOP transformer, map and score per image; a training step at batch "
+        f"{r['train_batch_size']} (forward + backward on cached features): {r['train_step_gflops']:.1f} GFLOP.\n",
+        "| precision, batch | ms/img backbone | ms/img transformer + map + score | ms/img total | images/s | "
+        "ms/img at the roofline | roofline fraction |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, v in r["latency"].items():
+        lines.append(f"| {key.replace('_b', ', batch ')} | {v['ms_backbone']:.1f} | {v['ms_transformer']:.1f} | "
+                     f"{v['ms_total']:.1f} | {v['images_per_s']:.1f} | {v['ms_at_roofline']:.1f} | "
+                     f"{v['roofline_fraction']:.2f} |")
+    lines += ["", "| training step | ms | GFLOP/s | roofline fraction |", "|---|---|---|---|"]
+    for key, v in r["train"].items():
+        lines.append(f"| {key} | {v['ms_per_step']:.0f} | {v['gflops_per_s']:.0f} | {v['roofline_fraction']:.2f} |")
+    lines.append(f"\nbf16 vs fp32 image scores: max relative difference {r['bf16_max_relative_score_difference']:.2e}. "
+                 f"Peak RSS {r['peak_rss_mb']:.0f} MB.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
