@@ -307,7 +307,8 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--outliers", help="folder of images unrelated to the normal class (image-level labels)")
     g.add_argument("--alpha", type=float, help="weight of the push term (default 0.003)")
     g.add_argument("--topk", type=int, help="k of the image-level score q (default 20)")
-    g.add_argument("--anomaly-prob", type=float, help="chance to replace a sample by an anomaly (default 0.5)")
+    g.add_argument("--anomaly-prob", type=float, help="chance to replace a sample by an anomaly (default 0.5; 0 = no anomalies, a "
+                        "control that fine-tunes with the pull term alone)")
     g.add_argument("--variants", type=int, help="confetti variants cached per training image (default 4)")
     g.add_argument("--refresh-every", type=int, help="epochs between confetti redraws (default 10; 0 = never)")
     g = p.add_argument_group("scoring")

@@ -77,7 +77,7 @@ class PlusConfig:
     masks: str = ""  # mask folder of a test-layout defects folder
     alpha: float = 0.003  # weight of the push term (paper)
     topk: int = 20  # k of the image-level score q (Eq. 8; paper: 20)
-    anomaly_prob: float = 0.5  # chance that a training sample is replaced by an anomaly (FCDD: 0.5)
+    anomaly_prob: float = 0.5  # chance that a sample is replaced by an anomaly (FCDD: 0.5); 0 = pull term only
     variants: int = 4  # confetti: corrupted variants per training image whose features are cached
     refresh_every: int = 10  # confetti: epochs between redraws of the cached variants; 0 = never
 

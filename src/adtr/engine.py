@@ -233,8 +233,8 @@ def check_plus(plus: PlusConfig, anomalies: ImageSource | None) -> None:
         raise AdtrError(f"anomaly source {plus.source!r} needs its images ({flag} DIR)")
     if plus.loss == "pixel" and plus.source == "outliers":
         raise AdtrError("outlier images carry only image labels: use --plus image with --outliers")
-    if not 0.0 < plus.anomaly_prob <= 1.0:
-        raise AdtrError(f"anomaly probability must be in (0, 1], got {plus.anomaly_prob}")
+    if not 0.0 <= plus.anomaly_prob <= 1.0:
+        raise AdtrError(f"anomaly probability must be in [0, 1], got {plus.anomaly_prob}")
     if plus.topk < 1 or plus.alpha <= 0 or plus.variants < 1 or plus.refresh_every < 0:
         raise AdtrError("ADTR+ needs topk >= 1, alpha > 0, variants >= 1 and refresh_every >= 0")
 
