@@ -42,20 +42,28 @@ def git_commit() -> str:
         return "unknown"
 
 
-def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, repeats: int, warmup: int = 2, device: torch.device = torch.device("cpu")) -> float:
     for _ in range(warmup):
         fn()
+    sync(device)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    return 2 * n**3 / median_seconds(lambda: a @ b, repeats) / 1e9
+def matmul_gflops(dtype: torch.dtype, device: torch.device, repeats: int = 10) -> float:
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    return 2 * n**3 / median_seconds(lambda: a @ b, repeats, device=device) / 1e9
 
 
 def count_flops(fn) -> int:
@@ -85,6 +93,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="a run folder (default: untrained default model)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--batches", type=int, nargs=2, default=[1, 32], help="the two batch sizes timed")
+    parser.add_argument("--name", default="speed", help="output file stem (default speed)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     if args.threads:
@@ -94,11 +104,14 @@ def main() -> None:
     from adtr.models.adtr import reconstruction_loss
     from adtr.postprocess import image_score, pixel_anomaly_map
 
-    cpu = torch.device("cpu")
-    roof = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16)}
+    from adtr.engine import default_device
+
+    cpu = default_device()  # the device everything below runs on: CUDA when present
+    roof = {"fp32": matmul_gflops(torch.float32, cpu), "bf16": matmul_gflops(torch.bfloat16, cpu)}
     backbone, model, cfg = build(args.run)
+    backbone, model = backbone.to(cpu), model.to(cpu)
     size = cfg.model.image_size
-    images = torch.rand(32, 3, size, size)
+    images = torch.rand(max(args.batches), 3, size, size, device=cpu)
 
     def head(feats, net=model):
         out = net(feats)
@@ -113,12 +126,12 @@ def main() -> None:
 
     latency = {}
     for precision in ("fp32", "bf16"):
-        for bs in (1, 32):
+        for bs in args.batches:
             x, f = images[:bs], feats32[:bs]
             reps = 20 if bs == 1 else 3
             with torch.no_grad(), autocast(precision, cpu):
-                t_backbone = median_seconds(lambda: backbone(x), reps)
-                t_head = median_seconds(lambda: head(f), reps)
+                t_backbone = median_seconds(lambda: backbone(x), reps, device=cpu)
+                t_head = median_seconds(lambda: head(f), reps, device=cpu)
             total = t_backbone + t_head
             flops = (flops_backbone + flops_head) * bs
             latency[f"{precision}_b{bs}"] = {
@@ -149,33 +162,36 @@ def main() -> None:
     with torch.no_grad():  # backward costs about twice the forward (the usual 3x rule for a training step)
         step_flops = 3 * count_flops(lambda: frozen(batch))
     for precision in ("fp32", "bf16"):
-        t = median_seconds(lambda: step(precision), 5)
+        t = median_seconds(lambda: step(precision), 5, device=cpu)
         train[precision] = {"ms_per_step": 1000 * t, "gflops_per_s": step_flops / t / 1e9,
                             "roofline_fraction": step_flops / t / 1e9 / roof[precision]}
     model.eval()
 
+    machine = torch.cuda.get_device_name() if cpu.type == "cuda" else \
+        f"{platform.machine()} {platform.processor() or ''}".strip()
     result = {
         "commit": git_commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "image_size": size,
+        "device": cpu.type, "machine": machine, "image_size": size,
         "backbone": cfg.model.backbone, "roofline_gflops": roof,
         "gflops_per_image": {"backbone": flops_backbone / 1e9, "transformer_map_score": flops_head / 1e9},
         "train_step_gflops": step_flops / 1e9, "train_batch_size": cfg.train.batch_size,
         "latency": latency, "train": train, "bf16_max_relative_score_difference": agreement,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cpu.type == "cuda" else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     text = markdown(result)
-    (args.out / "speed.md").write_text(text)
+    (args.out / f"{args.name}.md").write_text(text)
     print(text)
 
 
 def markdown(r: dict) -> str:
     g = r["gflops_per_image"]
     lines = [
-        f"# Speed on this machine ({r['threads']} threads, {r['machine']}, torch {r['torch']})\n",
+        f"# Speed on this machine ({r['device']}: {r['machine']}, {r['threads']} CPU threads, torch {r['torch']})\n",
         f"Commit `{r['commit'][:12]}`, {r['backbone']} at {r['image_size']}x{r['image_size']}.\n",
-        f"Roofline (2048x2048 matmul): fp32 {r['roofline_gflops']['fp32']:.0f} GFLOP/s, "
+        f"Roofline (large square matmul): fp32 {r['roofline_gflops']['fp32']:.0f} GFLOP/s, "
         f"bf16 {r['roofline_gflops']['bf16']:.0f} GFLOP/s. Model: {g['backbone']:.2f} GFLOP backbone + "
         f"{g['transformer_map_score']:.2f} GFLOP transformer, map and score per image; a training step at batch "
         f"{r['train_batch_size']} (forward + backward on cached features): {r['train_step_gflops']:.1f} GFLOP.\n",
