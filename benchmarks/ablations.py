@@ -1,6 +1,6 @@
 """Ablations of the paper's Table 4 on MVTec AD categories, at one epoch budget for all.
 
-    python benchmarks/ablations.py --root ../shared/data/mvtec_ad --categories bottle grid --epochs 10
+    python benchmarks/ablations.py --root ../shared/data/mvtec_ad --categories bottle grid --epochs 20
 
 Each (category, variant) is one `benchmarks/mvtec.py --single` process with the
 variant's fit options, so every row is a full fit + test + timing. Rows are merged
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, required=True, help="MVTec AD root folder")
     parser.add_argument("--categories", nargs="+", default=["bottle", "grid"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--epochs", type=int, default=10, help="the same budget for every variant")
+    parser.add_argument("--epochs", type=int, default=20, help="the same budget for every variant")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args, extra = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -211,7 +211,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from adtr.detector import Detector
     from adtr.visualize import overlay_panel, save_png, tensor_to_uint8
 
-    det = Detector.load(args.run)
+    det = Detector.load(args.run, precision=args.precision)
     paths = expand_inputs(args.inputs)
     for p in paths:
         verify_image(p)
@@ -343,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="score threshold (default: the run's calibrated one)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-overlays", action="store_true", help="skip heat-map PNGs")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="fp32 (default: the reference the threshold was calibrated with) or bf16 autocast "
+                        "(faster on AMX/AVX512-BF16 CPUs and GPUs; scores within about 1%%)")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("tsne", help="t-SNE of feature-difference vectors, normal vs anomalous pixels (Fig. 5)")
     p.add_argument("run", help="run folder")
