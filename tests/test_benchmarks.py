@@ -34,3 +34,30 @@ def test_cifar10_benchmark_on_tiny_pickles(tmp_path):
     assert [r["class"] for r in rows] == ["cat"] and 0 <= rows[0]["adtr"] <= 1 and 0 <= rows[0]["adtr_plus"] <= 1
     table = (out / "cifar10.md").read_text()
     assert "| cat |" in table and "89.0" in table  # the paper's cat row beside ours
+
+
+def load_script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_table_puts_the_papers_numbers_beside_ours():
+    ablations = load_script("ablations")
+    row = {"category": "bottle", "variant": "cnn", "image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7,
+           "fit_seconds": 12.0, "commit": "abc"}
+    table = ablations.markdown([row], 20)
+    cnn = next(line for line in table.splitlines() if line.startswith("| cnn"))
+    assert "0.900 / 0.800 / 0.700" in cnn and "94.4" in cnn
+    assert "not run" in next(line for line in table.splitlines() if line.startswith("| full"))
+
+
+def test_plus_table_shows_the_change_against_adtr():
+    plus = load_script("plus")
+    m = {"image_auroc": 0.99, "pixel_auroc": 0.95, "aupro": 0.9}
+    row = {"category": "grid", "adtr": m, "adtr_plus": {**m, "pixel_auroc": 0.96}, "plus_fit_seconds": 1.0,
+           "plus_pool_seconds": 0.5, "plus_epochs": 2, "plus_config": {}, "plus_train": {}, "commit": "abc"}
+    assert "+0.0100" in plus.markdown([row])
