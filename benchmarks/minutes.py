@@ -1,0 +1,65 @@
+"""Quality per minute: metrics of `adtr fit --max-minutes M` for several budgets.
+
+    python benchmarks/minutes.py --root ../shared/data/mvtec_ad --categories bottle grid --minutes 1 2 5 10 20 40
+
+Each (category, budget) is one `benchmarks/mvtec.py --single` process, so a row carries
+the full fit + test + timing record. ``--max-minutes`` budgets the training epochs (timed
+on a few steps first); the wall time of the whole fit, features and calibration
+included, is what the table reports. Rows are merged into ``minutes.json`` as they
+finish and ``minutes.md`` is rewritten each time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(root: Path, category: str, minutes: float, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        row_json = Path(tmp) / "row.json"
+        cmd = [sys.executable, str(HERE / "mvtec.py"), "--root", str(root), "--single", category,
+               "--row-json", str(row_json), "--max-minutes", str(minutes), "--epochs", "100000", *extra]
+        subprocess.run(cmd, check=True)
+        row = json.loads(row_json.read_text())
+    row["budget_minutes"] = minutes
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| category | budget (min) | epochs | fit wall (s) | image AUROC | pixel AUROC | AUPRO |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["category"], r["budget_minutes"])):
+        lines.append(f"| {r['category']} | {r['budget_minutes']:g} | {r['epochs']} | {r['fit_seconds']:.0f} | "
+                     f"{r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} |")
+    return "# Quality per minute of training budget\n\n" + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, required=True, help="MVTec AD root folder")
+    parser.add_argument("--categories", nargs="+", default=["bottle", "grid"])
+    parser.add_argument("--minutes", type=float, nargs="+", default=[1, 2, 5, 10, 20, 40])
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    args, extra = parser.parse_known_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / "minutes.json"
+    rows = json.loads(json_path.read_text()) if json_path.exists() else []
+    for category in args.categories:
+        for minutes in args.minutes:
+            print(f"== {category}, {minutes:g} min", flush=True)
+            row = run(args.root, category, minutes, extra)
+            rows = [r for r in rows if (r["category"], r["budget_minutes"]) != (category, minutes)] + [row]
+            json_path.write_text(json.dumps(rows, indent=2) + "\n")
+            (args.out / "minutes.md").write_text(markdown(rows))
+    print((args.out / "minutes.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
