@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from provenance import git_commit  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 
@@ -31,14 +32,6 @@ PAPER = {
     "deer": (93.2, 95.1), "dog": (94.4, 95.6), "frog": (97.4, 98.0), "horse": (95.8, 97.1),
     "ship": (96.3, 98.0), "truck": (96.7, 96.9),
 }
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def mvtec_crops(root: Path, n: int, seed: int = 0, size: int = 32) -> np.ndarray:

@@ -19,16 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import git_commit  # benchmarks/ is on sys.path when a script runs
+
 HERE = Path(__file__).resolve().parent
 PAPER = "ADTR paper (EfficientNet-B4, 500 epochs): mean of 15 MVTec categories, image AUROC about 96, pixel AUROC 97.2"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def time_inference(det, images, batch_size: int, repeats: int) -> dict[str, float]:

@@ -46,6 +46,8 @@ import torch.nn.functional as F
 
 from adtr.postprocess import pixel_anomaly_map
 
+from provenance import git_commit  # benchmarks/ is on sys.path when a script runs
+
 HERE = Path(__file__).resolve().parent
 BACKBONE = "tf_efficientnet_lite0"
 
@@ -478,14 +480,6 @@ def run_patchcore(train: Sequence[Any], test: EvalSplit, image_size: int = 256, 
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def label(row: dict[str, Any]) -> str:

@@ -15,20 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
+from provenance import git_commit  # benchmarks/ is on sys.path when a script runs
+
 HERE = Path(__file__).resolve().parent
 KEYS = ("image_auroc", "pixel_auroc", "aupro")
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def test_metrics(run: Path, root: Path, category: str) -> dict:

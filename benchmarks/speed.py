@@ -25,21 +25,14 @@ import copy
 import json
 import platform
 import resource
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from provenance import git_commit  # benchmarks/ is on sys.path when a script runs
+
 HERE = Path(__file__).resolve().parent
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def sync(device: torch.device) -> None:

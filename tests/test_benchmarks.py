@@ -39,6 +39,7 @@ def test_cifar10_benchmark_on_tiny_pickles(tmp_path):
 def load_script(name):
     import importlib.util
 
+    sys.path.insert(0, str(BENCH))  # as when the script runs: its helpers import from benchmarks/
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -55,17 +55,22 @@ def test_fit_writes_model_and_is_deterministic(tiny_category, tmp_path):
         fit(tiny_config(), samples, tmp_path / "a")
 
 
-def test_resume_after_interruption_matches_uninterrupted(tiny_category, tmp_path):
-    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
-    cfg = tiny_config(epochs=4)
-    fit(cfg, samples, tmp_path / "full")
+def interrupt_after_epoch_two(cfg, samples, run):
+    """Start a fit and stop it as Ctrl-C would, during epoch 2's bookkeeping."""
 
     def stop_after_two(record):
         if record["epoch"] == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(cfg, samples, tmp_path / "cut", on_epoch=stop_after_two)
+        fit(cfg, samples, run, on_epoch=stop_after_two)
+
+
+def test_resume_after_interruption_matches_uninterrupted(tiny_category, tmp_path):
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    cfg = tiny_config(epochs=4)
+    fit(cfg, samples, tmp_path / "full")
+    interrupt_after_epoch_two(cfg, samples, tmp_path / "cut")
     # on_epoch runs before the epoch's checkpoint: epoch 1 is saved, epoch 2 is lost (at most one).
     assert ckpt_io.load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
     with pytest.raises(AdtrError, match="did not finish"):
@@ -159,13 +164,7 @@ def test_plus_resume_redraws_the_same_pool(base_run, tiny_category, tmp_path):
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
     cfg = with_overrides(plus_cfg(base_run, variants=1, refresh_every=1), "train", epochs=3)
     fit(cfg, samples, tmp_path / "full")
-
-    def stop_after_two(record):
-        if record["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        fit(cfg, samples, tmp_path / "cut", on_epoch=stop_after_two)
+    interrupt_after_epoch_two(cfg, samples, tmp_path / "cut")
     fit(cfg, samples, tmp_path / "cut", resume=True)
     a = ckpt_io.load_checkpoint(tmp_path / "full" / "model.pt")["model"]
     b = ckpt_io.load_checkpoint(tmp_path / "cut" / "model.pt")["model"]

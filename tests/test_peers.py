@@ -15,6 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load_peers():
+    sys.path.insert(0, str(BENCH))  # as when the script runs: its helpers import from benchmarks/
     spec = importlib.util.spec_from_file_location("adtr_bench_peers", BENCH / "peers.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up by name

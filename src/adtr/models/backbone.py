@@ -102,7 +102,28 @@ def create_classifier(name: str, weights: str) -> nn.Module:
     return model
 
 
-class FrozenBackbone(nn.Module):
+class GridExtractor(nn.Module):
+    """What ADTR needs of a frozen extractor: ``channels``, ``grid_stride``, a ``body``
+    whose state dict the run saves, and a forward that maps images to a feature grid."""
+
+    channels: tuple[int, ...]
+    grid_stride: int
+
+    @property
+    def out_channels(self) -> int:
+        return sum(self.channels)
+
+    def train(self, mode: bool = True) -> GridExtractor:
+        """Always stay in eval mode: BatchNorm statistics must never drift."""
+        return super().train(False)
+
+    def grid_size(self, image_size: int) -> int:
+        if image_size % self.grid_stride:
+            raise AdtrError(f"image size {image_size} is not a multiple of the grid stride {self.grid_stride}")
+        return image_size // self.grid_stride
+
+
+class FrozenBackbone(GridExtractor):
     """Frozen timm CNN returning chosen stages resized to one grid and concatenated.
 
     Args:
@@ -135,19 +156,6 @@ class FrozenBackbone(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
-    @property
-    def out_channels(self) -> int:
-        return sum(self.channels)
-
-    def train(self, mode: bool = True) -> FrozenBackbone:
-        """Always stay in eval mode: BatchNorm statistics must never drift."""
-        return super().train(False)
-
-    def grid_size(self, image_size: int) -> int:
-        if image_size % self.grid_stride:
-            raise AdtrError(f"image size {image_size} is not a multiple of the grid stride {self.grid_stride}")
-        return image_size // self.grid_stride
-
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Multi-scale features on one grid.
@@ -172,7 +180,7 @@ class FrozenBackbone(nn.Module):
         return torch.cat(feats, dim=1)  # (B, C, h, w)
 
 
-class PixelPatches(nn.Module):
+class PixelPatches(GridExtractor):
     """Raw pixel patches as the reconstruction target (Table 4, "pixels" instead of features).
 
     A stand-in for :class:`FrozenBackbone` with the same interface: each ``s x s``
@@ -193,19 +201,6 @@ class PixelPatches(nn.Module):
         self.channels = (3 * grid_stride * grid_stride,)
         self.reductions = (grid_stride,)
         self.eval()
-
-    @property
-    def out_channels(self) -> int:
-        return sum(self.channels)
-
-    def train(self, mode: bool = True) -> PixelPatches:
-        """Always in eval mode, like :class:`FrozenBackbone`."""
-        return super().train(False)
-
-    def grid_size(self, image_size: int) -> int:
-        if image_size % self.grid_stride:
-            raise AdtrError(f"image size {image_size} is not a multiple of the grid stride {self.grid_stride}")
-        return image_size // self.grid_stride
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
