@@ -17,10 +17,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
 @pytest.mark.skipif(not (MVTEC_ROOT / "bottle").is_dir(), reason=f"MVTec AD bottle not found at {MVTEC_ROOT}")
 def test_bottle_short_fit_detects_and_localises(tmp_path):
-    """Three minutes of training with the defaults already separate good from broken bottles."""
+    """20 epochs of the default recipe (a third of the default 60; about 4 minutes on 2 cores) already
+    separate and localise broken bottles. A fixed epoch count, not a wall-clock budget: on a loaded
+    machine a 3-minute budget bought only 6 epochs, still on the initial plateau (pixel AUROC 0.94)."""
     train = index_mvtec(MVTEC_ROOT, "bottle", "train")
     test = index_mvtec(MVTEC_ROOT, "bottle", "test")
-    cfg = with_overrides(RunConfig(), "train", max_minutes=3.0)
+    cfg = with_overrides(RunConfig(), "train", epochs=20)
     fit(cfg, train, tmp_path / "run")
     res = evaluate(Detector.load(tmp_path / "run", device="cpu"), test)
     m = res.metrics
