@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv browser demo test bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,16 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/adtr demo --out demo_results
 
-test: $(STAMP)
+# Headless Chromium for tests/test_browser.py: installed with apt-get where missing and possible (root,
+# Debian/Ubuntu, as in CI); anywhere else the browser test skips and says why.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+		|| echo "note: could not install chromium and chromium-driver; the browser test will skip"; \
+	else echo "note: no chromium/chromedriver (Debian: apt-get install chromium chromium-driver); the browser test will skip"; fi
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -rs
 
 bench: $(STAMP)

@@ -12,6 +12,8 @@
    of the roofline achieved (FLOPs / time / matmul throughput of that precision).
 4. Training: GFLOP/s of a step (forward, backward, AdamW) at the default batch size.
 5. Peak resident memory, and the agreement of bf16 with the fp32 reference.
+6. onnxruntime: ms/image at both batch sizes for the exported full model (one ONNX
+   graph: backbone, transformer, map and score; ``adtr export``), same thread count.
 
 Writes ``speed.json`` and ``speed.md``. Without ``--run`` the model is built from the
 default config with packaged backbone weights and an untrained transformer (speed does
@@ -82,6 +84,47 @@ def build(run: Path | None):
     return backbone, build_model(cfg.model, backbone.out_channels).eval(), cfg
 
 
+def onnx_latency(backbone, model, cfg, images: torch.Tensor, batches, device: torch.device) -> dict:
+    """ms/image of the exported full model (backbone, transformer, map, score) in onnxruntime.
+
+    Exports ``backbone`` + ``model`` as ``adtr export`` does, into a temporary folder (no
+    run needed), with as many threads as torch uses. ``{"skipped": reason}`` without onnxruntime.
+    """
+    import tempfile
+
+    try:
+        import onnxruntime
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        return {"skipped": f"{exc.name} is not installed"}
+    from adtr.export import OnnxScorer, ScoringModel, onnx_bytes
+    from adtr.models.adtr import ADTRDetector
+
+    size = cfg.model.image_size
+    network = ADTRDetector(copy.deepcopy(backbone).cpu(), copy.deepcopy(model).cpu())
+    scoring = ScoringModel(network, size, cfg.score.sigma, cfg.score.pool_size).eval()
+    x = images.cpu()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        t = time.perf_counter()
+        try:
+            path.write_bytes(onnx_bytes(scoring, metadata={"image_size": str(size), "threshold": "nan"}))
+        except Exception as exc:  # noqa: BLE001 - keep the torch measurements; report why the rows are missing
+            return {"skipped": f"export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}"}
+        export_s = time.perf_counter() - t
+        scorer = OnnxScorer(path, device, threads=torch.get_num_threads())
+        latency = {}
+        for bs in batches:
+            t = median_seconds(lambda: scorer.score_tensors(x[:bs]), 20 if bs == 1 else 3)
+            latency[f"b{bs}"] = {"ms_total": 1000 * t / bs, "images_per_s": bs / t}
+        with torch.no_grad():
+            ref = scoring(x[:2])[0][:, 0]
+        diff = float((scorer.score_tensors(x[:2])[0] - ref).abs().max() / ref.abs().max())
+        file_mb = path.stat().st_size / 2**20
+    return {"ort_version": onnxruntime.__version__, "provider": scorer.provider, "threads": torch.get_num_threads(),
+            "export_seconds": export_s, "file_mb": file_mb, "latency": latency, "max_relative_map_difference": diff}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="a run folder (default: untrained default model)")
@@ -134,6 +177,10 @@ def main() -> None:
                 "ms_at_roofline": 1000 * (flops_backbone + flops_head) / 1e9 / roof[precision],
             }
 
+    onnx = onnx_latency(backbone, model, cfg, images, args.batches, cpu)
+    if "skipped" in onnx:
+        print(f"onnxruntime rows skipped: {onnx['skipped']}")
+
     with torch.no_grad():
         ref = head(feats32[:8])
         with autocast("bf16", cpu):
@@ -168,7 +215,7 @@ def main() -> None:
         "backbone": cfg.model.backbone, "roofline_gflops": roof,
         "gflops_per_image": {"backbone": flops_backbone / 1e9, "transformer_map_score": flops_head / 1e9},
         "train_step_gflops": step_flops / 1e9, "train_batch_size": cfg.train.batch_size,
-        "latency": latency, "train": train, "bf16_max_relative_score_difference": agreement,
+        "latency": latency, "onnxruntime": onnx, "train": train, "bf16_max_relative_score_difference": agreement,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cpu.type == "cuda" else None,
     }
@@ -196,6 +243,18 @@ def markdown(r: dict) -> str:
         lines.append(f"| {key.replace('_b', ', batch ')} | {v['ms_backbone']:.1f} | {v['ms_transformer']:.1f} | "
                      f"{v['ms_total']:.1f} | {v['images_per_s']:.1f} | {v['ms_at_roofline']:.1f} | "
                      f"{v['roofline_fraction']:.2f} |")
+    onnx = r.get("onnxruntime", {"skipped": "not measured"})
+    if "skipped" in onnx:
+        lines.append(f"\nonnxruntime: skipped ({onnx['skipped']}).")
+    else:
+        lines += ["", f"onnxruntime {onnx.get('ort_version', '')} ({onnx['provider']}, {onnx['threads']} threads): the "
+                  "exported full model (`adtr export`), one graph from image to map and score; maps within "
+                  f"{onnx['max_relative_map_difference']:.1e} of torch fp32 (relative to the largest value).\n",
+                  "| engine, batch | ms/img total | images/s | torch fp32 ms/img total |", "|---|---|---|---|"]
+        for key, v in onnx["latency"].items():
+            ref = r["latency"].get(f"fp32_{key}", {}).get("ms_total", float("nan"))
+            lines.append(f"| onnxruntime, batch {key[1:]} | {v['ms_total']:.1f} | {v['images_per_s']:.1f} | "
+                         f"{ref:.1f} |")
     lines += ["", "| training step | ms | GFLOP/s | roofline fraction |", "|---|---|---|---|"]
     for key, v in r["train"].items():
         lines.append(f"| {key} | {v['ms_per_step']:.0f} | {v['gflops_per_s']:.0f} | {v['roofline_fraction']:.2f} |")

@@ -29,3 +29,14 @@ def tiny_config(**train) -> RunConfig:
 
 
 TINY_FIT_ARGS = ["--image-size", "64", "--weights", "none", "--epochs", "3", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_category, tmp_path_factory) -> Path:
+    """A finished run on ``tiny_category`` (shared: copy it before changing it)."""
+    from adtr.data import index_mvtec
+    from adtr.engine import fit
+
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    fit(tiny_config(), index_mvtec(tiny_category.parent, tiny_category.name, "train"), run)
+    return run

@@ -46,7 +46,7 @@ def test_fit_test_predict(tiny_run, tiny_category, tmp_path, capsys):
                  str(tiny_category / "test" / "hole" / "*.png"), "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())
     assert len(rows) == 6 and {r["label"] for r in rows} <= {"good", "anomalous"}
-    assert (out / "results.csv").read_text().splitlines()[0] == "image,score,threshold,label"
+    assert (out / "results.csv").read_text().splitlines()[0] == "image,score,normalized_score,threshold,label"
     overlays = sorted((out / "overlays").glob("*.png"))
     assert len(overlays) == 6 and Image.open(overlays[0]).size == (64 * 3 + 8, 64)
     assert "6 images" in capsys.readouterr().out

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 from sklearn.metrics import f1_score, roc_auc_score
+from sklearn.metrics import roc_curve as sk_roc_curve
 
 from adtr.errors import AdtrError
-from adtr.metrics import aupro, f1_max, image_auroc, pixel_auroc, pro_curve
+from adtr.metrics import aupro, f1_max, image_auroc, pixel_auroc, pixel_roc_curve, pro_curve, roc_curve
 
 
 # ---------------------------------------------------------------- AUROC / F1
@@ -175,3 +176,22 @@ def test_aupro_errors() -> None:
         aupro(np.eye(4)[None], np.random.rand(1, 4, 4), fpr_limit=0.0)
     with pytest.raises(AdtrError, match="0/1"):
         aupro(np.full((1, 4, 4), 255), np.random.rand(1, 4, 4))
+
+
+def test_roc_curves_match_sklearn_with_ties() -> None:
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(rng.normal(size=300) + labels, 1)  # rounding -> ties
+    fpr, tpr = roc_curve(labels, scores)
+    sk_fpr, sk_tpr, _ = sk_roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr, atol=1e-12)
+    np.testing.assert_allclose(tpr, sk_tpr, atol=1e-12)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(image_auroc(labels, scores), abs=1e-12)
+    masks = rng.random((3, 8, 8)) > 0.7
+    maps = np.round(rng.random((3, 8, 8)) + 0.5 * masks, 2).astype(np.float32)
+    fpr, tpr = pixel_roc_curve(masks, maps)
+    sk_fpr, sk_tpr, _ = sk_roc_curve(masks.ravel(), maps.ravel(), drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr, atol=1e-12)
+    np.testing.assert_allclose(tpr, sk_tpr, atol=1e-12)
+    with pytest.raises(AdtrError, match="both normal and anomalous"):
+        roc_curve([1, 1], [0.1, 0.2])

@@ -125,3 +125,43 @@ def test_state_dict_round_trip(name):
     assert not torch.allclose(a(f).reconstruction, b(f).reconstruction)
     b.load_state_dict(a.state_dict())
     assert torch.equal(a(f).reconstruction, b(f).reconstruction)
+
+
+def test_feature_jitter_only_in_training():
+    f = torch.randn(2, 12, 4, 4)
+    m = small(jitter=20.0)
+    m.train()
+    assert not torch.allclose(m(f).reconstruction, m(f).reconstruction)  # fresh noise each call
+    m.eval()
+    assert torch.equal(m(f).reconstruction, m(f).reconstruction)
+    plain = small().train()
+    assert torch.equal(plain(f).reconstruction, plain(f).reconstruction)  # jitter 0: no noise
+
+
+def test_neighbour_mask_model_keeps_checkpoint_keys():
+    masked, plain = small(neighbour_mask=3), small()
+    assert masked.state_dict().keys() == plain.state_dict().keys()
+    masked.load_state_dict(plain.state_dict())
+    f = torch.randn(1, 12, 4, 4)
+    assert not torch.allclose(masked.eval()(f).reconstruction, plain.eval()(f).reconstruction)
+    with pytest.raises(ValueError, match="needs attention"):
+        small(reconstructor="cnn", neighbour_mask=3)
+
+
+def test_build_model_rejects_bad_mask_and_jitter():
+    from adtr.config import ModelConfig
+    from adtr.engine import build_model
+
+    for bad in ({"neighbour_mask": 4}, {"neighbour_mask": 17}, {"jitter": -1.0},
+                {"neighbour_mask": 3, "reconstructor": "no-attention"}):
+        with pytest.raises(AdtrError):
+            build_model(ModelConfig(**bad), 12)
+
+
+def test_sincos_position_init_is_learned():
+    from adtr.models.transformer import sincos_position_embedding
+
+    m = small(pos_init="sincos")
+    assert torch.equal(m.pos_embed.detach(), sincos_position_embedding(4, 16)) and m.pos_embed.requires_grad
+    with pytest.raises(ValueError):
+        small(pos_init="fixed")

@@ -11,6 +11,8 @@ from adtr.models.transformer import (
     ReconstructionTransformer,
     count_parameters,
     matching_conv_blocks,
+    neighbourhood_mask,
+    sincos_position_embedding,
 )
 
 
@@ -149,3 +151,38 @@ def test_matching_conv_blocks_has_similar_size():
     assert abs(cnn - transformer) <= 0.3 * transformer
     assert abs(cnn - transformer) <= min(abs(fewer - transformer), abs(more - transformer))
     assert matching_conv_blocks(32, 64, 1, 1) >= 1
+
+
+def test_neighbourhood_mask_hides_the_square_around_each_token():
+    m = neighbourhood_mask(5, 3)  # (25, 25)
+    assert m.shape == (25, 25) and not m.diagonal().any()
+    assert m[12].view(5, 5).logical_not().nonzero().tolist() == [[r, c] for r in (1, 2, 3) for c in (1, 2, 3)]
+    assert m[0].view(5, 5).logical_not().sum() == 4  # a corner token hides a 2x2 square
+    for bad in (2, 0, 5):
+        with pytest.raises(ValueError):
+            neighbourhood_mask(5, bad)
+
+
+def test_masked_decoder_never_reads_a_tokens_own_neighbourhood():
+    """One decoder layer, no encoder: output i may depend only on tokens outside i's 3x3 square."""
+    torch.manual_seed(0)
+    t = ReconstructionTransformer(32, 4, 0, 1, 64, 0.0).eval()
+    mask = neighbourhood_mask(4, 3)
+    tokens, pos, query = torch.randn(1, 16, 32), torch.randn(1, 16, 32), torch.randn(1, 16, 32)
+    for i in (0, 5, 15):
+        changed = tokens.clone()
+        changed[:, i] += 3.0
+        moved = (t(changed, pos, query, mask) - t(tokens, pos, query, mask)).abs().amax(-1)[0] > 1e-5
+        assert moved.tolist() == mask[:, i].tolist()  # exactly the tokens that may attend to i
+
+
+def test_sincos_position_embedding_codes_row_and_column():
+    e = sincos_position_embedding(4, 16)[0]  # (16 tokens, 16 channels)
+    assert e.shape == (16, 16)
+    assert torch.allclose(e[0], torch.tensor([0.0] * 4 + [1.0] * 4 + [0.0] * 4 + [1.0] * 4))
+    # Tokens in the same row share the row half, in the same column the column half.
+    assert torch.equal(e[5, :8], e[6, :8]) and not torch.equal(e[5, 8:], e[6, 8:])
+    assert torch.equal(e[1, 8:], e[13, 8:]) and not torch.equal(e[1, :8], e[13, :8])
+    assert len({tuple(row.tolist()) for row in e}) == 16  # every position distinct
+    with pytest.raises(ValueError):
+        sincos_position_embedding(4, 10)

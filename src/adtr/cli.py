@@ -1,4 +1,7 @@
-"""Command line: ``adtr fit | test | predict | tsne | demo``. Parse, build config, call the engine."""
+"""Command line: ``adtr fit | test | report | predict | export | tsne | serve | demo``.
+
+Parse, build config, call the engine.
+"""
 
 from __future__ import annotations
 
@@ -66,7 +69,7 @@ def write_json(obj, path: Path) -> None:
 
 
 MODEL_OPTIONS = ("backbone", "weights", "image_size", "grid_stride", "stages", "dropout", "error_space",
-                 "reconstructor", "target")
+                 "reconstructor", "target", "neighbour_mask", "jitter", "pos_init")
 
 def plus_base_config(args: argparse.Namespace) -> RunConfig:
     """ADTR+ starts from the init run's config; the model options are the init run's own."""
@@ -92,7 +95,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         cfg = with_overrides(cfg, "model", backbone=args.backbone, weights=args.weights, image_size=args.image_size,
                              grid_stride=args.grid_stride, stages=tuple(args.stages) if args.stages else None,
                              dropout=args.dropout, error_space=args.error_space,
-                             reconstructor=args.reconstructor, target=args.target)
+                             reconstructor=args.reconstructor, target=args.target,
+                             neighbour_mask=args.neighbour_mask, jitter=args.jitter, pos_init=args.pos_init)
     cfg = with_overrides(cfg, "train", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, schedule=args.schedule, step_at=args.step_at,
                          grad_clip=args.grad_clip, val_fraction=args.val_fraction, seed=args.seed,
@@ -160,15 +164,36 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_test(args: argparse.Namespace) -> int:
+def evaluate_run(args: argparse.Namespace):
+    """Load ``args.run`` and evaluate it on ``args.data`` (+ ``args.masks``): detector, samples, result."""
     from adtr.data import validate_readable
     from adtr.detector import Detector
     from adtr.evaluate import evaluate
 
+    if getattr(args, "top_k", 0) < 0:
+        raise AdtrError(f"--top-k {args.top_k}: the gallery size must be >= 0")
     det = Detector.load(args.run)
     samples = resolve_test_samples(Path(args.data), Path(args.masks) if args.masks else None)
     validate_readable(samples)
-    res = evaluate(det, samples)
+    return det, samples, evaluate(det, samples)
+
+
+def write_html_report(args: argparse.Namespace, det, samples, res, path: Path) -> None:
+    from adtr.report import RunInfo, write_report
+
+    write_report(res, RunInfo.from_detector(det, args.run, args.data, args.masks), samples, path, top_k=args.top_k)
+    print(f"report written to {path}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    det, samples, res = evaluate_run(args)
+    out = Path(args.out) if args.out else Path(args.run) / "test" / "report.html"
+    write_html_report(args, det, samples, res, out)
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    det, samples, res = evaluate_run(args)
     out = Path(args.out) if args.out else Path(args.run) / "test"
     write_json({"metrics": res.metrics, "per_type": res.per_type, "threshold": det.threshold}, out / "metrics.json")
     fmt = lambda v: "absent" if v is None else f"{v:.4f}"  # noqa: E731
@@ -178,8 +203,29 @@ def cmd_test(args: argparse.Namespace) -> int:
     print(f"at threshold {det.threshold:.4f}: FPR {fmt(m['fpr_at_threshold'])}  FNR {fmt(m['fnr_at_threshold'])}")
     for t, pm in res.per_type.items():
         print(f"  {t:<24} image AUROC {fmt(pm['image_auroc'])}  pixel AUROC {fmt(pm['pixel_auroc'])}  "
-              f"AUPRO {fmt(pm['aupro'])}")
+              f"AUPRO {fmt(pm['aupro'])}  FNR {fmt(pm['fnr_at_threshold'])}")
     print(f"metrics written to {out / 'metrics.json'}")
+    if not args.no_report:
+        write_html_report(args, det, samples, res, out / "report.html")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from adtr.calibrate import calibrate
+    from adtr.data import validate_readable
+
+    samples = None
+    if args.data:
+        samples = resolve_test_samples(Path(args.data), Path(args.masks) if args.masks else None)
+        validate_readable(samples)
+    elif args.mode == "f1" and args.masks:
+        raise AdtrError("--masks needs --data")
+    cal = calibrate(Path(args.run), args.mode, samples)
+    fmt = lambda k: f"{cal[k]:.4f}" if k in cal else "-"  # noqa: E731
+    print(f"mode {cal['mode']}: image threshold {cal['threshold']:.4f}, pixel threshold {cal['pixel_threshold']:.4f}")
+    print(f"  target-FPR thresholds: image {fmt('threshold_fpr')}, pixel {fmt('pixel_threshold_fpr')}")
+    print(f"  F1-optimal thresholds: image {fmt('threshold_f1')} (F1 {fmt('f1_image')}), "
+          f"pixel {fmt('pixel_threshold_f1')} (F1 {fmt('f1_pixel')})")
     return 0
 
 
@@ -209,9 +255,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from adtr.data import verify_image
     from adtr.detector import Detector
+    from adtr.postprocess import normalize_scores
     from adtr.visualize import overlay_panel, save_png, tensor_to_uint8
 
-    det = Detector.load(args.run, precision=args.precision)
+    det = Detector.load(args.run, precision=args.precision, engine=args.engine)
     paths = expand_inputs(args.inputs)
     for p in paths:
         verify_image(p)
@@ -224,13 +271,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         images = torch.stack([det.to_tensor(p) for p in chunk])  # (B, 3, S, S), decoded once
         maps, scores = det.score_tensors(images)
         for j, (p, image, amap, score) in enumerate(zip(chunk, images, maps.numpy(), scores.tolist())):
-            rows.append({"image": str(p), "score": score, "threshold": thr,
-                         "label": "anomalous" if score > thr else "good"})
+            rows.append({"image": str(p), "score": score, "normalized_score": normalize_scores(score, thr),
+                         "threshold": thr, "label": "anomalous" if score > thr else "good"})
             if not args.no_overlays:
                 panel = overlay_panel(tensor_to_uint8(image), amap, 0.0, vmax or float(amap.max()))
                 save_png(panel, out / "overlays" / f"{i + j:05d}_{p.stem}.png")
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["image", "score", "threshold", "label"])
+    writer = csv.DictWriter(buf, fieldnames=["image", "score", "normalized_score", "threshold", "label"])
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(buf.getvalue().encode(), out / "results.csv")
@@ -238,6 +285,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     n_bad = sum(r["label"] == "anomalous" for r in rows)
     print(f"{len(rows)} images: {n_bad} anomalous, {len(rows) - n_bad} good (threshold {thr:.4f})")
     print(f"results written to {out / 'results.csv'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from adtr.export import DEFAULT_OPSET, export_onnx
+
+    opset = DEFAULT_OPSET if args.opset is None else args.opset
+    path = export_onnx(args.run, args.out, opset=opset)
+    print(f"exported {args.run} to {path} ({path.stat().st_size / 2**20:.1f} MB, ONNX opset {opset}): "
+          "images (B, 3, S, S) in [0, 1] -> anomaly_map (B, 1, S, S), score (B,)")
+    if args.out is None:
+        print(f"score with it: `adtr predict {args.run} IMAGES --engine onnx`, or with onnxruntime alone")
     return 0
 
 
@@ -250,6 +309,13 @@ def cmd_tsne(args: argparse.Namespace) -> int:
     vectors = tsne_figure(args.run, samples, Path(args.out), n=args.n, seed=args.seed)
     print(f"t-SNE of {len(vectors)} difference vectors ({int(vectors.anomalous.sum())} anomalous) "
           f"written to {args.out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from adtr.serve import serve
+
+    serve(args.run, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, threshold=args.threshold)
     return 0
 
 
@@ -275,6 +341,13 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
                         "ResNet-style CNN of similar size")
     g.add_argument("--target", choices=["features", "pixels"],
                    help="reconstruct backbone features (default) or raw stride x stride pixel patches (ablation)")
+    g.add_argument("--neighbour-mask", type=int, metavar="K",
+                   help="hide each token's K x K neighbourhood (odd K) in every attention, as UniAD does (default 0: off)")
+    g.add_argument("--jitter", type=float,
+                   help="UniAD feature jitter: training noise of std JITTER x ||token|| / 256 on the tokens "
+                        "(default 0: off; UniAD uses 20)")
+    g.add_argument("--pos-init", choices=["uniform", "sincos"],
+                   help="initial value of the learned position embedding (default uniform, as DETR)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="epochs (default 60; paper: 500)")
     g.add_argument("--max-minutes", type=float, help="wall-clock budget; epochs are fitted to it (default none)")
@@ -330,12 +403,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted fit in --out")
     add_fit_options(p)
     p.set_defaults(func=cmd_fit)
+    p = sub.add_parser("calibrate", help="switch a run's thresholds: target-FPR (default) or F1-optimal on labelled data")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--mode", choices=["fpr", "f1"], default="f1",
+                   help="f1: F1-optimal thresholds on --data (default); fpr: back to the target-FPR ones from fit")
+    p.add_argument("--data", help="labelled images (good/ and defect folders, or a MVTec category's test split); "
+                                  "never the test set you report on")
+    p.add_argument("--masks", help="mask folder mirroring the defect folders (for the pixel threshold)")
+    p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("test", help="metrics on labelled test images")
     p.add_argument("run", help="run folder")
     p.add_argument("--data", required=True, help="MVTec category folder, or a test folder with good/ and defect folders")
     p.add_argument("--masks", help="mask folder mirroring the defect folders (plain layout)")
-    p.add_argument("--out", help="where to write metrics.json (default RUN/test)")
+    p.add_argument("--out", help="where to write metrics.json and report.html (default RUN/test)")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    p.add_argument("--top-k", type=int, default=8,
+                   help="report gallery: worst false positives and negatives (default 8)")
     p.set_defaults(func=cmd_test)
+    p = sub.add_parser("report", help="metrics, curves and worst cases of a run as one self-contained HTML file")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--data", required=True, help="MVTec category folder, or a test folder with good/ and defect folders")
+    p.add_argument("--masks", help="mask folder mirroring the defect folders (plain layout)")
+    p.add_argument("--out", help="HTML file to write (default RUN/test/report.html)")
+    p.add_argument("--top-k", type=int, default=8, help="gallery: worst false positives and negatives (default 8)")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("predict", help="score new images, write CSV/JSON and overlays")
     p.add_argument("run", help="run folder")
     p.add_argument("inputs", nargs="+", help="images, folders or glob patterns")
@@ -346,7 +437,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
                    help="fp32 (default: the reference the threshold was calibrated with) or bf16 autocast "
                         "(faster on AMX/AVX512-BF16 CPUs and GPUs; scores within about 1%%)")
+    p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
+                   help="torch (default) or onnx: onnxruntime with RUN/model.onnx from `adtr export` (fp32)")
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("export", help="write the run as one ONNX graph: image -> (anomaly map, score)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default onnx)")
+    p.add_argument("--out", help="file to write (default RUN/model.onnx)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default 20; 18 or newer)")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("tsne", help="t-SNE of feature-difference vectors, normal vs anomalous pixels (Fig. 5)")
     p.add_argument("run", help="run folder")
     p.add_argument("--data", required=True, help="MVTec category folder, or a test folder with masks")
@@ -355,6 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=600, help="difference vectors to embed, half anomalous (default 600)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tsne)
+    p = sub.add_parser("serve", help="HTTP API and web page: POST an image, get its score, decision and overlay")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it, unauthenticated)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload in MiB (default 20)")
+    p.add_argument("--threshold", type=float, help="score threshold (default: the run's calibrated one)")
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("demo", help="generate a dataset, fit, test and predict in a few minutes")
     p.add_argument("--out", default="demo_results", help="results folder")
     p.add_argument("--minutes", type=float, default=2.0, help="training budget in minutes")

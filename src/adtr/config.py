@@ -34,6 +34,9 @@ class ModelConfig:
     # is fed the encoder output) | cnn (ResNet-style conv stack of similar size)
     reconstructor: str = "transformer"
     target: str = "features"  # features (paper) | pixels (Table 4 ablation: reconstruct stride x stride patches)
+    neighbour_mask: int = 0  # ours, off: odd k hides each token's k x k neighbourhood in every attention (UniAD)
+    jitter: float = 0.0  # ours, off: UniAD's feature-jitter scale in training (UniAD: 20)
+    pos_init: str = "uniform"  # init of the learned position embedding: uniform (DETR) | sincos (2-D sine code)
 
 
 @dataclass(frozen=True)

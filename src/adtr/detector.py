@@ -11,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from adtr import checkpoint as ckpt_io
@@ -23,19 +24,33 @@ from adtr.data.images import image_to_tensor, read_image, to_rgb
 from adtr.engine import autocast, default_device, resolve_precision, restore_networks
 from adtr.errors import AdtrError
 from adtr.models.adtr import ADTRDetector
-from adtr.postprocess import image_score, pixel_anomaly_map
+from adtr.postprocess import image_score, normalize_scores, pixel_anomaly_map
+
+if TYPE_CHECKING:
+    from adtr.export import OnnxScorer
 
 ImageInput = str | Path | Image.Image | np.ndarray
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's result. ``anomaly_map`` is (H, W) at the model's input size."""
+    """One image's result, at the input image's own resolution (H, W).
+
+    score: raw image score (pooled maximum of the map, Eq. 3's units).
+    normalized_score: ``score`` mapped to [0, 1] with the threshold at 0.5
+        (:func:`adtr.postprocess.normalize_scores`); comparable across runs.
+    threshold, is_anomalous: the calibrated decision ``score > threshold``.
+    anomaly_map: (H, W) float32 per-pixel error s(u) (Eq. 2), resized to the input.
+    defect_mask: (H, W) bool, ``anomaly_map > pixel_threshold`` (empty when the image
+        is judged normal, so a mask never contradicts the decision).
+    """
 
     score: float
+    normalized_score: float
     threshold: float
     is_anomalous: bool
     anomaly_map: np.ndarray
+    defect_mask: np.ndarray
     source: str
 
 
@@ -56,6 +71,9 @@ def array_to_pil(array: np.ndarray) -> Image.Image:
 class Detector:
     """A trained ADTR run ready for inference."""
 
+    #: Set by ``load(..., engine="onnx")``: scoring then runs the exported graph in onnxruntime.
+    onnx_scorer: OnnxScorer | None = None
+
     def __init__(self, config: RunConfig, network: ADTRDetector, calibration: dict[str, Any],
                  device: torch.device, precision: str = "fp32") -> None:
         self.config = config
@@ -67,19 +85,32 @@ class Detector:
             raise AdtrError(f"unknown precision {precision!r} (use fp32, bf16 or auto)")
 
     @classmethod
-    def load(cls, run: str | Path, device: str | torch.device | None = None, precision: str = "fp32") -> Detector:
+    def load(cls, run: str | Path, device: str | torch.device | None = None, precision: str = "fp32",
+             engine: str = "torch") -> Detector:
         """Rebuild the model from ``run`` (a run folder or its ``model.pt``) alone.
 
         ``precision``: ``fp32`` (the reference, and what the threshold was calibrated
         with) or ``bf16`` autocast (faster where the hardware has bf16 units; image scores
         within about 1% of fp32, so a score very close to the threshold may flip), or
         ``auto`` (bf16 where it is fast).
+        ``engine``: ``torch``, or ``onnx`` to score with onnxruntime and the graph that
+        ``adtr export RUN --format onnx`` wrote to ``RUN/model.onnx`` (fp32 only; maps
+        within 1e-4 relative of torch). The threshold is still the run's own.
         """
+        if engine not in ("torch", "onnx"):
+            raise AdtrError(f"unknown engine {engine!r} (use torch or onnx)")
+        if engine == "onnx" and precision != "fp32":
+            raise AdtrError(f"the onnx engine runs the exported fp32 graph; precision {precision!r} needs engine torch")
         path = ckpt_io.find_run_file(Path(run))
         ckpt = ckpt_io.load_checkpoint(path)
         config, backbone, model = restore_networks(ckpt, path)
         device = torch.device(device) if device is not None else default_device()
-        return cls(config, ADTRDetector(backbone, model).to(device), ckpt["calibration"], device, precision)
+        det = cls(config, ADTRDetector(backbone, model).to(device), ckpt["calibration"], device, precision)
+        if engine == "onnx":
+            from adtr.export import scorer_for_run
+
+            det.onnx_scorer = scorer_for_run(path, ckpt, device)
+        return det
 
     @property
     def image_size(self) -> int:
@@ -87,10 +118,20 @@ class Detector:
 
     @property
     def threshold(self) -> float:
+        """The active image threshold (target-FPR by default, F1-optimal after ``adtr calibrate --mode f1``)."""
         return float(self.calibration["threshold"])
+
+    @property
+    def pixel_threshold(self) -> float:
+        """Map value above which a pixel is marked defective (runs from before pixel calibration: inf)."""
+        return float(self.calibration.get("pixel_threshold", float("inf")))
 
     def to_tensor(self, image: ImageInput) -> torch.Tensor:
         """Any supported input -> (3, S, S) float in [0, 1]."""
+        return image_to_tensor(self.to_pil(image), self.image_size)
+
+    def to_pil(self, image: ImageInput) -> Image.Image:
+        """Any supported input -> RGB PIL image at its own size."""
         if isinstance(image, (str, Path)):
             pil = read_image(image)
         elif isinstance(image, Image.Image):
@@ -99,11 +140,13 @@ class Detector:
             pil = array_to_pil(image)
         else:
             raise AdtrError(f"cannot predict on a {type(image).__name__}: give a path, PIL image or numpy array")
-        return image_to_tensor(pil, self.image_size)
+        return pil
 
     @torch.no_grad()
     def score_tensors(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) in [0, 1] -> maps (B, S, S) and scores (B,)."""
+        if self.onnx_scorer is not None:
+            return self.onnx_scorer.score_tensors(images)
         with autocast(self.precision, self.device):
             out = self.network(images.to(self.device))
         size = (images.shape[-2], images.shape[-1])
@@ -119,8 +162,19 @@ class Detector:
         results = []
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
-            maps, scores = self.score_tensors(torch.stack([self.to_tensor(x) for x in chunk]))
-            for item, amap, score in zip(chunk, maps, scores):
+            pils = [self.to_pil(x) for x in chunk]
+            maps, scores = self.score_tensors(torch.stack([image_to_tensor(p, self.image_size) for p in pils]))
+            for item, pil, amap, score in zip(chunk, pils, maps, scores):
                 source = str(item) if isinstance(item, (str, Path)) else type(item).__name__
-                results.append(Prediction(float(score), thr, bool(score > thr), amap.numpy(), source))
+                results.append(self.make_prediction(float(score), amap, (pil.height, pil.width), thr, source))
         return results[0] if single else results
+
+    def make_prediction(self, score: float, amap: torch.Tensor, size: tuple[int, int], threshold: float,
+                        source: str) -> Prediction:
+        """A :class:`Prediction` from a model-size map (S, S), resized bilinearly to ``size`` (H, W)."""
+        if tuple(amap.shape) != size:
+            amap = F.interpolate(amap[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+        amap_np = amap.float().numpy()
+        anomalous = score > threshold
+        mask = amap_np > self.pixel_threshold if anomalous else np.zeros(size, dtype=bool)
+        return Prediction(score, normalize_scores(score, threshold), threshold, anomalous, amap_np, mask, source)

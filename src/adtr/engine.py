@@ -31,7 +31,7 @@ from adtr.features import extract_features
 from adtr.losses import image_push_pull_loss, pixel_push_pull_loss, pseudo_huber_map
 from adtr.models.adtr import ADTR, RECONSTRUCTORS, ADTROutput, reconstruction_loss
 from adtr.models.backbone import FrozenBackbone, PixelPatches
-from adtr.postprocess import image_score, pixel_anomaly_map, quantile_threshold
+from adtr.postprocess import image_score, pixel_anomaly_map, pixel_quantile_threshold, quantile_threshold
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,17 @@ def build_model(cfg: ModelConfig, in_channels: int) -> ADTR:
     if cfg.reconstructor not in RECONSTRUCTORS:
         raise AdtrError(f"unknown reconstructor {cfg.reconstructor!r} (use {', '.join(RECONSTRUCTORS)})")
     grid = cfg.image_size // cfg.grid_stride
+    if cfg.neighbour_mask and (cfg.neighbour_mask % 2 == 0 or cfg.neighbour_mask >= grid):
+        raise AdtrError(f"--neighbour-mask {cfg.neighbour_mask}: must be odd and smaller than the {grid}x{grid} grid")
+    if cfg.neighbour_mask and cfg.reconstructor in ("cnn", "no-attention"):
+        raise AdtrError(f"--neighbour-mask needs attention; the {cfg.reconstructor!r} reconstructor has none")
+    if cfg.jitter < 0:
+        raise AdtrError(f"--jitter {cfg.jitter}: must be >= 0")
+    if cfg.pos_init not in ("uniform", "sincos"):
+        raise AdtrError(f"unknown --pos-init {cfg.pos_init!r} (use uniform or sincos)")
     return ADTR(in_channels, grid, cfg.dim, cfg.num_heads, cfg.num_encoder_layers,
-                cfg.num_decoder_layers, cfg.ffn_dim, cfg.dropout, cfg.error_space, cfg.reconstructor)
+                cfg.num_decoder_layers, cfg.ffn_dim, cfg.dropout, cfg.error_space, cfg.reconstructor,
+                cfg.neighbour_mask, cfg.jitter, cfg.pos_init)
 
 
 def restore_networks(ckpt: dict[str, Any], path: Path) -> tuple[RunConfig, FrozenBackbone | PixelPatches, ADTR]:
@@ -395,18 +404,31 @@ def fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = F
 
     # Calibration on held-out good images only (never test data).
     if val_feats is not None:
-        _, val_scores = score_features(model, val_feats, mc.image_size, config.score, device)
+        val_maps, val_scores = score_features(model, val_feats, mc.image_size, config.score, device)
     else:
-        val_scores = torch.empty(0)
-    threshold = quantile_threshold(val_scores, config.score.target_fpr)
+        val_maps, val_scores = torch.empty(0), torch.empty(0)
+    calibration = fpr_calibration(val_maps, val_scores, config.score.target_fpr)
+    calibration["selected_epoch"] = selected_epoch
+    threshold = calibration["threshold"]
     seconds = feature_seconds + train_seconds
-    save_model(run_dir / ckpt_io.MODEL_FILE, config, backbone, model, {
-        "threshold": threshold, "val_scores": val_scores.tolist(), "selected_epoch": selected_epoch},
-        history, seconds)
+    save_model(run_dir / ckpt_io.MODEL_FILE, config, backbone, model, calibration, history, seconds)
     last_path.unlink(missing_ok=True)
     if cache.exists():
         cache.unlink()
     return FitResult(run_dir, epochs, seconds, history, threshold, selected_epoch)
+
+
+def fpr_calibration(val_maps: torch.Tensor, val_scores: torch.Tensor, target_fpr: float) -> dict[str, Any]:
+    """Image and pixel thresholds at ``target_fpr`` from held-out good images only.
+
+    ``threshold`` and ``pixel_threshold`` are the active ones; ``*_fpr`` keep the
+    target-FPR values so that an F1-optimal calibration (``adtr calibrate``) can be undone.
+    """
+    image_thr = quantile_threshold(val_scores, target_fpr)
+    pixel_thr = pixel_quantile_threshold(val_maps, target_fpr)
+    return {"mode": "fpr", "target_fpr": target_fpr, "threshold": image_thr, "threshold_fpr": image_thr,
+            "pixel_threshold": pixel_thr, "pixel_threshold_fpr": pixel_thr,
+            "val_scores": val_scores.tolist(), "val_images": int(val_scores.numel())}
 
 
 def save_model(path: Path, config: RunConfig, backbone: FrozenBackbone | PixelPatches, model: ADTR,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -58,3 +59,51 @@ def quantile_threshold(good_scores: torch.Tensor, target_fpr: float) -> float:
     if good_scores.numel() == 0:
         return math.inf
     return float(torch.quantile(good_scores.double(), 1.0 - target_fpr))
+
+
+def pixel_quantile_threshold(good_maps: torch.Tensor, target_fpr: float) -> float:
+    """Map value above which a fraction ``target_fpr`` of good pixels would fall.
+
+    The pixel-level twin of :func:`quantile_threshold`, over every pixel of the held-out
+    good maps (N, H, W); numpy's quantile has no size limit, unlike torch's.
+    """
+    if good_maps.numel() == 0:
+        return math.inf
+    return float(np.quantile(good_maps.double().flatten().numpy(), 1.0 - target_fpr))
+
+
+def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1) maximising F1 of ``score > threshold`` against binary ``labels``.
+
+    Candidate thresholds lie halfway between consecutive distinct scores (and below
+    the lowest), so the decision rule ``score > threshold`` reproduces the best split.
+    """
+    scores, labels = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(labels).ravel().astype(bool)
+    if not labels.any() or labels.all():
+        raise ValueError("the F1-optimal threshold needs both normal and anomalous examples")
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    tp = np.cumsum(y)  # predicted positive = the first i+1 scores
+    fp = np.cumsum(~y)
+    last = np.r_[s[1:] != s[:-1], True]  # only split between distinct scores
+    f1 = np.where(last, 2 * tp / (tp + fp + y.sum()), -1.0)
+    i = int(np.argmax(f1))
+    below = s[i + 1] if i + 1 < len(s) else s[i] - max(1e-6, abs(s[i]) * 1e-6)
+    return float((s[i] + below) / 2), float(f1[i])
+
+
+def normalize_scores(x: np.ndarray | torch.Tensor | float, threshold: float):
+    """Scores or maps mapped to [0, 1] with the threshold at 0.5: ``clip(0.5 * x / threshold, 0, 1)``.
+
+    Anomaly scores are non-negative error norms, so this fixed linear map keeps 0 at 0
+    and puts twice the threshold at 1: readable, monotone and the same for every run.
+    """
+    if not math.isfinite(threshold) or threshold <= 0:
+        scale = 0.0 if not math.isfinite(threshold) else math.inf
+    else:
+        scale = 0.5 / threshold
+    if isinstance(x, torch.Tensor):
+        return (x * scale).clamp(0.0, 1.0) if math.isfinite(scale) else (x > 0).to(x.dtype)
+    arr = np.asarray(x, dtype=np.float64)
+    out = np.clip(arr * scale, 0.0, 1.0) if math.isfinite(scale) else (arr > 0).astype(np.float64)
+    return float(out) if np.ndim(x) == 0 else out.astype(np.float32)

@@ -8,15 +8,18 @@ with transparency) are normalised here so the rest of the code only sees RGB.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from adtr.errors import AdtrError, file_error
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # the PIL decoders behind IMAGE_SUFFIXES; uploads get only these
 
 _UINT16_MAX = 65535.0
 
@@ -64,13 +67,31 @@ def _open_loaded(path: str | Path) -> Image.Image:
         raise file_error(path, "not a regular file")
     if path.stat().st_size == 0:
         raise file_error(path, "file is empty (0 bytes)")
+    return _decode(path, path)
+
+
+def _decode(source: str | Path | BinaryIO, name: str | Path, max_pixels: int | None = None,
+            formats: tuple[str, ...] | None = None) -> Image.Image:
+    """Fully decode ``source`` (a path or a binary stream); errors name ``name``.
+
+    ``max_pixels`` refuses larger images from their header, before any pixel is decoded;
+    ``formats`` (PIL format names) restricts the decoders tried.
+    """
     try:
-        with Image.open(path) as img:
+        with Image.open(source, formats=formats) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise file_error(name, f"image is {img.width}x{img.height} pixels, more than the limit of "
+                                       f"{max_pixels} pixels")
             img.load()
             return img
+    except AdtrError:
+        raise
+    except UnidentifiedImageError as exc:  # PIL's own message names a stream object, not the file
+        accepted = f" (accepted: {', '.join(formats)})" if formats else ""
+        raise file_error(name, f"cannot read image: not a recognised image file{accepted}") from exc
     except Exception as exc:  # PIL raises many unrelated types on corrupt input.
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise file_error(path, f"cannot read image: {reason}") from exc
+        raise file_error(name, f"cannot read image: {reason}") from exc
 
 
 def verify_image(path: str | Path) -> None:
@@ -124,6 +145,17 @@ def read_image(path: str | Path) -> Image.Image:
         return to_rgb(img)
     except Exception as exc:  # An exotic mode PIL cannot convert.
         raise file_error(path, f"cannot convert image mode {img.mode} to RGB: {exc}") from exc
+
+
+def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """Decode an in-memory image file (an upload) as RGB, with :func:`read_image`'s errors naming ``name``."""
+    if not data:
+        raise file_error(name, "file is empty (0 bytes)")
+    img = _decode(io.BytesIO(data), name, max_pixels, IMAGE_FORMATS)
+    try:
+        return to_rgb(img)
+    except Exception as exc:  # An exotic mode PIL cannot convert.
+        raise file_error(name, f"cannot convert image mode {img.mode} to RGB: {exc}") from exc
 
 
 def _check_size(size: int) -> None:

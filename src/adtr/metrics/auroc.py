@@ -61,8 +61,8 @@ def check_masks_and_maps(
     return m, a
 
 
-def _auroc(positive: np.ndarray, scores: np.ndarray, what: str) -> float:
-    """Exact ROC AUC by sorting once; ties are one ROC point (as in sklearn).
+def _roc(positive: np.ndarray, scores: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ROC curve by sorting once; ties are one ROC point (as in sklearn).
 
     Written by hand instead of calling sklearn so that millions of pixels cost
     only a sort and two cumulative sums, without sklearn's extra copies.
@@ -71,6 +71,9 @@ def _auroc(positive: np.ndarray, scores: np.ndarray, what: str) -> float:
         positive: Flat bool array, True = anomalous, shape (M,).
         scores: Flat float array, shape (M,).
         what: Name used in the error message.
+
+    Returns:
+        ``(fpr, tpr)``, each shape (K,), non-decreasing from (0, 0) to (1, 1).
     """
     n_pos = int(positive.sum())
     n_neg = positive.size - n_pos
@@ -90,7 +93,50 @@ def _auroc(positive: np.ndarray, scores: np.ndarray, what: str) -> float:
     fps = (last + 1) - tps
     tpr = np.concatenate(([0.0], tps / n_pos))
     fpr = np.concatenate(([0.0], fps / n_neg))
+    return fpr, tpr
+
+
+def _auroc(positive: np.ndarray, scores: np.ndarray, what: str) -> float:
+    """Area under :func:`_roc` by the trapezoidal rule (a tie counts half, as in sklearn)."""
+    fpr, tpr = _roc(positive, scores, what)
     return float(np.trapezoid(tpr, fpr))
+
+
+def roc_curve(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Image-level ROC curve, the one :func:`image_auroc` integrates.
+
+    Args:
+        labels: Shape (N,), 0/1 or bool, 1 = anomalous.
+        scores: Shape (N,), higher = more anomalous.
+
+    Returns:
+        ``(fpr, tpr)``, each shape (K,), from (0, 0) to (1, 1), one point per distinct score.
+
+    Raises:
+        AdtrError: If only one class is present or shapes differ.
+    """
+    y = _as_labels(labels, "labels").ravel()
+    s = _as_scores(scores, "scores").ravel()
+    if y.shape != s.shape:
+        raise AdtrError(f"got {y.size} labels but {s.size} scores")
+    return _roc(y, s, "image")
+
+
+def pixel_roc_curve(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-level ROC curve over all pixels of all images, the one :func:`pixel_auroc` integrates.
+
+    Args:
+        masks: Shape (N, H, W), bool or 0/1, True = anomalous pixel.
+        maps: Shape (N, H, W), higher = more anomalous.
+
+    Returns:
+        ``(fpr, tpr)``, each shape (K,); K can be as large as N * H * W.
+
+    Raises:
+        AdtrError: If all pixels are of one class or shapes mismatch.
+    """
+    m, a = check_masks_and_maps(masks, maps, np.float32)
+    return _roc(m.ravel(), a.ravel(), "pixel")
 
 
 def image_auroc(labels: ArrayLike, scores: ArrayLike) -> float:

@@ -14,7 +14,8 @@ from torch import nn
 
 from adtr.errors import AdtrError
 from adtr.models.backbone import FrozenBackbone
-from adtr.models.transformer import ConvReconstructor, ReconstructionTransformer, matching_conv_blocks
+from adtr.models.transformer import (ConvReconstructor, ReconstructionTransformer, matching_conv_blocks,
+                                     neighbourhood_mask, sincos_position_embedding)
 
 #: Reconstruction networks: the paper's model and its Table-4 ablations.
 RECONSTRUCTORS = ("transformer", "no-attention", "no-query", "cnn")
@@ -52,6 +53,13 @@ class ADTR(nn.Module):
             embeddings) by :class:`ConvReconstructor` ResNet blocks of about the same
             parameter count, stored as ``self.cnn``. The default keeps the state-dict
             keys of earlier checkpoints.
+        neighbour_mask: 0 (paper) or an odd size k: every attention hides each token's
+            k x k neighbourhood, so a cell is reconstructed from context only (UniAD).
+        jitter: 0 (paper) or UniAD's feature-jitter scale: in training, Gaussian noise
+            with per-token standard deviation ``jitter * ||token|| / D`` is added to the
+            projected tokens, so the network learns to denoise rather than to copy.
+        pos_init: ``uniform`` (DETR's learned embedding) or ``sincos``: the learned
+            embedding starts as a 2-D sine-cosine code, still trained.
 
     The buffers ``feature_mean`` and ``feature_std`` (per channel, set from the
     training features by :meth:`set_feature_stats`) standardise the transformer's
@@ -63,13 +71,21 @@ class ADTR(nn.Module):
 
     def __init__(self, in_channels: int, grid_size: int, dim: int = 256, num_heads: int = 8,
                  num_encoder_layers: int = 4, num_decoder_layers: int = 4, ffn_dim: int = 1024,
-                 dropout: float = 0.1, error_space: str = "features", reconstructor: str = "transformer") -> None:
+                 dropout: float = 0.1, error_space: str = "features", reconstructor: str = "transformer",
+                 neighbour_mask: int = 0, jitter: float = 0.0, pos_init: str = "uniform") -> None:
         super().__init__()
         if error_space not in ("features", "standardized"):
             raise ValueError(f"error_space must be 'features' or 'standardized', not {error_space!r}")
         if reconstructor not in RECONSTRUCTORS:
             raise ValueError(f"reconstructor must be one of {', '.join(RECONSTRUCTORS)}, not {reconstructor!r}")
+        if pos_init not in ("uniform", "sincos"):
+            raise ValueError(f"pos_init must be 'uniform' or 'sincos', not {pos_init!r}")
+        if jitter < 0:
+            raise ValueError(f"jitter must be >= 0, not {jitter}")
+        if neighbour_mask and reconstructor in ("cnn", "no-attention"):
+            raise ValueError(f"neighbour_mask needs attention; the {reconstructor!r} reconstructor has none")
         self.grid_size = grid_size
+        self.jitter = jitter
         self.error_space = error_space
         self.reconstructor = reconstructor
         self.register_buffer("feature_mean", torch.zeros(1, in_channels, 1, 1))
@@ -82,10 +98,16 @@ class ADTR(nn.Module):
         else:
             num_tokens = grid_size * grid_size
             self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
-            nn.init.uniform_(self.pos_embed)  # DETR's nn.Embedding-style tables, init as in its learned PE
+            if pos_init == "sincos":
+                with torch.no_grad():
+                    self.pos_embed.copy_(sincos_position_embedding(grid_size, dim))
+            else:
+                nn.init.uniform_(self.pos_embed)  # DETR's nn.Embedding-style tables, init as in its learned PE
             if reconstructor != "no-query":
                 self.query_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
                 nn.init.normal_(self.query_embed)
+            # Not a buffer: derived from the config, so checkpoints keep their keys.
+            self.attn_mask = neighbourhood_mask(grid_size, neighbour_mask) if neighbour_mask else None
             self.transformer = ReconstructionTransformer(
                 dim, num_heads, num_encoder_layers, num_decoder_layers, ffn_dim, dropout,
                 attention=reconstructor != "no-attention")
@@ -112,12 +134,16 @@ class ADTR(nn.Module):
                 f"feature grid {h}x{w} does not match the model's {self.grid_size}x{self.grid_size}: "
                 f"use the image size the model was trained with")
         x = self.input_proj((features - self.feature_mean) / self.feature_std)  # (B, D, h, w)
+        if self.training and self.jitter > 0:
+            scale = torch.linalg.vector_norm(x, dim=1, keepdim=True) / x.shape[1]  # (B, 1, h, w)
+            x = x + torch.randn_like(x) * scale * self.jitter
         if self.reconstructor == "cnn":
             out = self.cnn(x)  # (B, D, h, w)
         else:
             tokens = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
             query = None if self.reconstructor == "no-query" else self.query_embed
-            out = self.transformer(tokens, self.pos_embed, query)  # (B, h*w, D)
+            mask = None if self.attn_mask is None else self.attn_mask.to(tokens.device)
+            out = self.transformer(tokens, self.pos_embed, query, mask)  # (B, h*w, D)
             out = out.transpose(1, 2).reshape(b, -1, h, w)  # (B, D, h, w)
         recon = self.output_proj(out) * self.feature_std + self.feature_mean  # (B, C, h, w)
         diff = (features - recon).float()

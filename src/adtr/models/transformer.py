@@ -32,15 +32,16 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """query (B, Lq, D), key and value (B, Lk, D) -> (B, Lq, D)."""
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """query (B, Lq, D), key and value (B, Lk, D) -> (B, Lq, D); ``mask`` (Lq, Lk) bool, True = may attend."""
         b, lq, d = query.shape
         nh = self.num_heads
         q = self.q_proj(query).view(b, lq, nh, d // nh).transpose(1, 2)  # (B, nh, Lq, hs)
         k = self.k_proj(key).view(b, -1, nh, d // nh).transpose(1, 2)  # (B, nh, Lk, hs)
         v = self.v_proj(value).view(b, -1, nh, d // nh).transpose(1, 2)  # (B, nh, Lk, hs)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, nh, Lq, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, Lq, hs)
         y = y.transpose(1, 2).reshape(b, lq, d)  # (B, Lq, D)
         return self.out_proj(y)
 
@@ -57,8 +58,9 @@ class ConcatProjection(nn.Module):
         super().__init__()
         self.proj = nn.Linear(2 * dim, dim)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """query (B, Lq, D), key and value (B, Lk, D) with Lq == Lk -> (B, Lq, D); key is unused."""
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """query (B, Lq, D), key and value (B, Lk, D) with Lq == Lk -> (B, Lq, D); key and mask are unused."""
         if query.shape[1] != value.shape[1]:
             raise ValueError(
                 f"ConcatProjection pairs positions one to one: query has {query.shape[1]} tokens, "
@@ -99,10 +101,10 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, src: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """src (B, L, D), pos (1, L, D) -> (B, L, D)."""
+    def forward(self, src: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """src (B, L, D), pos (1, L, D), mask (L, L) or None -> (B, L, D)."""
         qk = src + pos
-        src = self.norm1(src + self.dropout(self.self_attn(qk, qk, src)))
+        src = self.norm1(src + self.dropout(self.self_attn(qk, qk, src, mask)))
         return self.norm2(src + self.dropout(self.ffn(src)))
 
 
@@ -123,11 +125,12 @@ class DecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """tgt (B, L, D), memory (B, L, D), pos (1, L, D) -> (B, L, D)."""
+    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tgt (B, L, D), memory (B, L, D), pos (1, L, D), mask (L, L) or None -> (B, L, D)."""
         qk = tgt + pos
-        tgt = self.norm1(tgt + self.dropout(self.self_attn(qk, qk, tgt)))
-        tgt = self.norm2(tgt + self.dropout(self.cross_attn(tgt + pos, memory + pos, memory)))
+        tgt = self.norm1(tgt + self.dropout(self.self_attn(qk, qk, tgt, mask)))
+        tgt = self.norm2(tgt + self.dropout(self.cross_attn(tgt + pos, memory + pos, memory, mask)))
         return self.norm3(tgt + self.dropout(self.ffn(tgt)))
 
 
@@ -163,7 +166,8 @@ class ReconstructionTransformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, query: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, query: torch.Tensor | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruct tokens.
 
         Args:
@@ -172,17 +176,37 @@ class ReconstructionTransformer(nn.Module):
             query: (1, L, D) auxiliary query embedding, the decoder's input; ``None``
                 feeds the decoder the encoder output instead (Table 4, "w/o query"),
                 which lets it copy its input and so weakens the "identical shortcut" guard.
+            mask: optional (L, L) bool, True where a token may attend to another, used by
+                every attention (see :func:`neighbourhood_mask`).
 
         Returns:
             (B, L, D) reconstructed tokens.
         """
         memory = tokens
         for layer in self.encoder:
-            memory = layer(memory, pos)
+            memory = layer(memory, pos, mask)
         out = memory if query is None else query.expand(tokens.shape[0], -1, -1)
         for layer in self.decoder:
-            out = layer(out, memory, pos)
+            out = layer(out, memory, pos, mask)
         return out
+
+
+def neighbourhood_mask(grid_size: int, size: int) -> torch.Tensor:
+    """(L, L) bool attention mask for an ``grid_size`` x ``grid_size`` token grid that hides
+    each token's ``size`` x ``size`` neighbourhood (itself included); True = may attend.
+
+    UniAD's "neighbour-masked attention" (You et al., NeurIPS 2022): a token cannot read
+    its own position or its neighbours, so it must be reconstructed from context and
+    cannot simply be copied (the "identical shortcut"). ``size`` must be odd and smaller
+    than the grid, so every token still sees something.
+    """
+    if size % 2 == 0 or size < 1 or size >= grid_size:
+        raise ValueError(f"neighbourhood size must be odd and between 1 and {grid_size - 1}, not {size}")
+    rows = torch.arange(grid_size).repeat_interleave(grid_size)  # (L,) row of each token
+    cols = torch.arange(grid_size).repeat(grid_size)  # (L,)
+    r = size // 2
+    near = ((rows[:, None] - rows[None, :]).abs() <= r) & ((cols[:, None] - cols[None, :]).abs() <= r)
+    return ~near
 
 
 def group_count(channels: int, max_groups: int = 32) -> int:
@@ -248,3 +272,21 @@ def matching_conv_blocks(dim: int, ffn_dim: int, num_encoder_layers: int, num_de
             dim, 1, num_encoder_layers, num_decoder_layers, ffn_dim, 0.0))
         per_block = count_parameters(BasicBlock(dim))
     return max(1, round(target / per_block))
+
+
+def sincos_position_embedding(grid_size: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(1, grid_size**2, dim) 2-D sine-cosine position code (half the channels for rows,
+    half for columns), as in DETR's ``PositionEmbeddingSine`` and MAE's fixed embedding.
+
+    Used only to *initialise* the learned embedding (``pos_init='sincos'``): tokens then
+    start out knowing where they are, instead of learning it from uniform noise.
+    """
+    if dim % 4:
+        raise ValueError(f"sincos position embedding needs dim divisible by 4, not {dim}")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows = coords.repeat_interleave(grid_size)[:, None] * omega  # (L, dim/4)
+    cols = coords.repeat(grid_size)[:, None] * omega  # (L, dim/4)
+    emb = torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1)  # (L, dim)
+    return emb.float()[None]

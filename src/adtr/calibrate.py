@@ -1,0 +1,76 @@
+"""Re-calibrate a finished run's decision thresholds (``adtr calibrate``).
+
+``fit`` always calibrates without anomalies: the image and pixel thresholds are the
+(1 - target FPR) quantiles of held-out good images. When labelled anomalies become
+available (a few real defects, with or without masks), the F1-optimal thresholds on
+them are the usual alternative. Both sets are kept in the run, so switching back is
+one command. The labelled images must not be the test set you report on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from adtr import checkpoint as ckpt_io
+from adtr.data import Sample
+from adtr.errors import AdtrError
+from adtr.postprocess import f1_optimal_threshold
+
+MODES = ("fpr", "f1")
+
+
+def f1_calibration(samples: Sequence[Sample], run: Path) -> dict[str, Any]:
+    """F1-optimal image threshold (and pixel threshold when every defect has a mask) on ``samples``."""
+    from adtr.detector import Detector
+    from adtr.evaluate import evaluate
+
+    labels = [s.label for s in samples]
+    if 0 not in labels or 1 not in labels:
+        raise AdtrError(f"F1 calibration needs good and defective images; the data has "
+                        f"{labels.count(0)} good and {labels.count(1)} defective")
+    res = evaluate(Detector.load(run, device="cpu"), samples)
+    thr, f1 = f1_optimal_threshold(res.scores, res.labels)
+    out: dict[str, Any] = {"threshold_f1": thr, "f1_image": f1, "f1_images": len(samples)}
+    if res.masks is not None and res.masks.any():
+        pthr, pf1 = f1_optimal_threshold(res.maps.ravel(), res.masks.ravel())
+        out.update(pixel_threshold_f1=pthr, f1_pixel=pf1)
+    return out
+
+
+def apply_mode(calibration: dict[str, Any], mode: str) -> dict[str, Any]:
+    """Calibration with the active thresholds switched to ``mode`` (fpr | f1)."""
+    if mode not in MODES:
+        raise AdtrError(f"unknown calibration mode {mode!r} (use {' or '.join(MODES)})")
+    cal = dict(calibration)
+    # Runs from before pixel calibration have only "threshold": it is the target-FPR one.
+    cal.setdefault("threshold_fpr", cal["threshold"])
+    cal.setdefault("pixel_threshold_fpr", cal.get("pixel_threshold", math.inf))
+    if mode == "f1":
+        if "threshold_f1" not in cal:
+            raise AdtrError("no F1 calibration in this run yet: give labelled images with --data")
+        cal["threshold"] = cal["threshold_f1"]
+        cal["pixel_threshold"] = cal.get("pixel_threshold_f1", cal["pixel_threshold_fpr"])
+    else:
+        cal["threshold"] = cal["threshold_fpr"]
+        cal["pixel_threshold"] = cal["pixel_threshold_fpr"]
+    cal["mode"] = mode
+    return cal
+
+
+def calibrate(run: Path, mode: str, samples: Sequence[Sample] | None = None) -> dict[str, Any]:
+    """Switch ``run``'s active thresholds to ``mode``, first computing the F1 ones from
+    ``samples`` when given; rewrites ``model.pt`` atomically and returns the calibration."""
+    path = ckpt_io.find_run_file(Path(run))
+    ckpt = ckpt_io.load_checkpoint(path)
+    if ckpt.get("kind") != "model":
+        raise AdtrError(f"{path}: not a finished model; finish training first (adtr fit --resume)")
+    cal = dict(ckpt["calibration"])
+    if samples is not None:
+        cal.update(f1_calibration(samples, path))
+    cal = apply_mode(cal, mode)
+    ckpt["calibration"] = cal
+    ckpt_io.atomic_save(ckpt, path)
+    return cal

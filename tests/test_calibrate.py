@@ -1,0 +1,100 @@
+"""Calibration: target-FPR thresholds from good images, F1-optimal ones from labelled data."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from adtr.calibrate import apply_mode, calibrate
+from adtr.checkpoint import load_checkpoint
+from adtr.cli import main
+from adtr.data import index_mvtec
+from adtr.detector import Detector
+from adtr.errors import AdtrError
+from adtr.postprocess import f1_optimal_threshold, normalize_scores, pixel_quantile_threshold
+
+
+def test_f1_optimal_threshold_by_hand():
+    thr, f1 = f1_optimal_threshold(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1]))
+    assert thr == pytest.approx(0.5) and f1 == 1.0
+    # One anomaly scores below both good images: above 0.5 gives 2 TP, 0 FP, 1 FN -> F1 = 4/5;
+    # below 0.3 gives 3 TP, 2 FP -> 3/4; so the split is halfway between 0.5 and 0.8.
+    thr, f1 = f1_optimal_threshold(np.array([0.3, 0.5, 0.4, 0.9, 0.8]), np.array([1, 0, 0, 1, 1]))
+    assert f1 == pytest.approx(0.8) and thr == pytest.approx(0.65)
+    # Ties are never split: equal scores fall on the same side.
+    thr, _ = f1_optimal_threshold(np.array([0.5, 0.5, 0.1]), np.array([1, 0, 0]))
+    assert thr == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        f1_optimal_threshold(np.array([0.1, 0.2]), np.array([1, 1]))
+
+
+def test_normalized_scores_put_the_threshold_at_one_half():
+    assert normalize_scores(2.0, 2.0) == 0.5
+    assert normalize_scores(0.0, 2.0) == 0.0
+    assert normalize_scores(8.0, 2.0) == 1.0
+    np.testing.assert_allclose(normalize_scores(np.array([1.0, 3.0]), 2.0), [0.25, 0.75])
+    assert torch.equal(normalize_scores(torch.tensor([1.0, 5.0]), 2.0), torch.tensor([0.25, 1.0]))
+    assert normalize_scores(5.0, math.inf) == 0.0  # no calibration: nothing is above the threshold
+
+
+def test_pixel_threshold_is_the_good_pixel_quantile():
+    maps = torch.arange(10000, dtype=torch.float32).view(4, 50, 50)
+    thr = pixel_quantile_threshold(maps, 0.01)
+    assert (maps > thr).float().mean().item() == pytest.approx(0.01, abs=1e-4)
+    assert pixel_quantile_threshold(torch.empty(0), 0.01) == math.inf
+
+
+def test_fit_stores_image_and_pixel_thresholds(tiny_run):
+    cal = load_checkpoint(tiny_run / "model.pt")["calibration"]
+    assert cal["mode"] == "fpr" and cal["threshold"] == cal["threshold_fpr"]
+    assert math.isfinite(cal["pixel_threshold"]) and cal["pixel_threshold"] == cal["pixel_threshold_fpr"]
+    scores = np.array(cal["val_scores"])
+    assert (scores > cal["threshold"]).mean() <= max(cal["target_fpr"], 1 / len(scores))
+
+
+def test_prediction_at_the_input_resolution(tiny_run, tiny_category):
+    det = Detector.load(tiny_run, device="cpu")
+    image = np.random.default_rng(0).integers(0, 255, (37, 90, 3), dtype=np.uint8)
+    p = det.predict(image)
+    assert p.anomaly_map.shape == (37, 90) and p.defect_mask.shape == (37, 90)
+    assert p.anomaly_map.dtype == np.float32 and p.defect_mask.dtype == bool
+    assert p.normalized_score == pytest.approx(min(1.0, 0.5 * p.score / p.threshold))
+    # The mask never contradicts the decision: at an unreachable threshold the image is normal.
+    q = det.predict(image, threshold=1e9)
+    assert not q.is_anomalous and not q.defect_mask.any()
+    r = det.predict(image, threshold=0.0)
+    assert r.is_anomalous and np.array_equal(r.defect_mask, r.anomaly_map > det.pixel_threshold)
+
+
+def test_calibrate_f1_and_back(tiny_run, tiny_category, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = load_checkpoint(run / "model.pt")["calibration"]
+    assert main(["calibrate", str(run), "--data", str(tiny_category)]) == 0
+    cal = load_checkpoint(run / "model.pt")["calibration"]
+    assert cal["mode"] == "f1" and cal["threshold"] == cal["threshold_f1"] != before["threshold"]
+    assert "pixel_threshold_f1" in cal and cal["pixel_threshold"] == cal["pixel_threshold_f1"]
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "test")
+    scores = np.array([p.score for p in Detector.load(run, device="cpu").predict([s.image for s in samples])])
+    labels = np.array([s.label for s in samples])
+    pred = scores > cal["threshold"]
+    tp = (pred & (labels == 1)).sum()
+    assert 2 * tp / (pred.sum() + labels.sum()) == pytest.approx(cal["f1_image"])
+    assert "F1-optimal" in capsys.readouterr().out
+    assert main(["calibrate", str(run), "--mode", "fpr"]) == 0
+    back = load_checkpoint(run / "model.pt")["calibration"]
+    assert back["threshold"] == before["threshold"] and back["pixel_threshold"] == before["pixel_threshold"]
+
+
+def test_calibrate_errors(tiny_run, tiny_category, tmp_path):
+    with pytest.raises(AdtrError, match="no F1 calibration"):
+        apply_mode({"threshold": 1.0}, "f1")
+    good_only = tmp_path / "good_only"
+    shutil.copytree(tiny_category / "test" / "good", good_only / "good")
+    with pytest.raises(AdtrError, match="needs good and defective"):
+        calibrate(tiny_run, "f1", index_mvtec(tiny_category.parent, tiny_category.name, "train"))
+    assert main(["calibrate", str(tmp_path / "nowhere"), "--mode", "fpr"]) != 0
