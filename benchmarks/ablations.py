@@ -58,12 +58,17 @@ def markdown(rows: list[dict], epochs: int) -> str:
                 cells.append("not run")
                 continue
             cells.append(f"{r['image_auroc']:.3f} / {r['pixel_auroc']:.3f} / {r['aupro']:.3f}")
-            fits.append(f"{r['fit_seconds']:.0f}")
+            shared = r.get("threads", 2) < 2  # a run given one thread beside other jobs: time not comparable
+            fits.append(f"{r['fit_seconds']:.0f}" + ("*" if shared else ""))
         flag = " ".join(options) or "defaults"
         ref = f"{paper:.1f} ({paper_row})" if paper is not None else paper_row
         lines.append(f"| {name} (`{flag}`) | " + " | ".join(cells) + f" | {', '.join(fits)} | {ref} |")
-    commit = rows[0]["commit"][:12] if rows else "unknown"
-    return (f"# Ablations (Table 4), {epochs} epochs each\n\nCommit `{commit}`; tf_efficientnet_lite0 with "
+    commits = sorted({r["commit"][:12] for r in rows}) or ["unknown"]
+    if any(r.get("threads", 2) < 2 for r in rows):
+        lines.append("\n\\* one CPU thread while other jobs shared the machine: metrics depend only on "
+                     "the fixed epochs and seed (up to floating-point summation order), fit times are not comparable with the other rows.")
+    return (f"# Ablations (Table 4), {epochs} epochs each\n\nCommits `{'`, `'.join(commits)}` (training "
+            f"behaviour unchanged between them: later commits refactored and added options); tf_efficientnet_lite0 with "
             f"packaged weights unless the variant says otherwise; every other setting at its default. "
             f"Ours are per category (image AUROC / pixel AUROC / AUPRO); the paper's are means over the 15 "
             f"MVTec categories at 500 epochs with EfficientNet-B4, so compare orderings, not values.\n\n"

@@ -98,3 +98,19 @@ def test_calibrate_errors(tiny_run, tiny_category, tmp_path):
     with pytest.raises(AdtrError, match="needs good and defective"):
         calibrate(tiny_run, "f1", index_mvtec(tiny_category.parent, tiny_category.name, "train"))
     assert main(["calibrate", str(tmp_path / "nowhere"), "--mode", "fpr"]) != 0
+
+
+def test_calibrate_f1_on_confetti(tiny_run, tiny_category, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    good = tiny_category / "test" / "good"
+    assert main(["calibrate", str(run), "--confetti", str(good)]) == 0
+    cal = load_checkpoint(run / "model.pt")["calibration"]
+    assert cal["mode"] == "f1" and cal["f1_source"] == "confetti" and cal["f1_images"] == 2 * 4
+    assert cal["threshold"] == cal["threshold_f1"] and cal["pixel_threshold"] == cal["pixel_threshold_f1"]
+    assert 0 < cal["f1_image"] <= 1 and 0 < cal["f1_pixel"] <= 1
+    # Seeded: the same images give the same thresholds.
+    again = calibrate(run, "f1", confetti_images=sorted(good.glob("*.png")))
+    assert again["threshold_f1"] == cal["threshold_f1"]
+    with pytest.raises(AdtrError, match="not both"):
+        calibrate(run, "f1", index_mvtec(tiny_category.parent, tiny_category.name, "test"), [good / "000.png"])

@@ -219,3 +219,14 @@ def test_cli_serve_binds_localhost_by_default(monkeypatch, tiny_run, capsys):
         assert c.get("/health").status_code == 400  # DNS-rebinding guard on a loopback bind
     assert "http://127.0.0.1:8123/" in capsys.readouterr().out
     assert cli.main(["serve", str(tiny_run), "--max-upload-mb", "0"]) == 2
+
+
+def test_run_without_pixel_threshold_reports_no_mask(tiny_run, tiny_category):
+    """Runs saved before pixel calibration: the verdict still comes, the mask is absent, not empty."""
+    det = Detector.load(tiny_run, device="cpu")
+    det.calibration = {k: v for k, v in det.calibration.items() if not k.startswith("pixel_threshold")}
+    with TestClient(create_app(det)) as c:
+        body = post(c, (tiny_category / "test" / "good" / "000.png").read_bytes()).json()
+    assert body["defect_fraction"] is None and body["verdict"] in ("normal", "anomalous")
+    panel = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
+    assert panel.size == (3 * 64 + 2 * 4, 64)  # image | map | overlay, no mask tile

@@ -3,8 +3,9 @@
 ``fit`` always calibrates without anomalies: the image and pixel thresholds are the
 (1 - target FPR) quantiles of held-out good images. When labelled anomalies become
 available (a few real defects, with or without masks), the F1-optimal thresholds on
-them are the usual alternative. Both sets are kept in the run, so switching back is
-one command. The labelled images must not be the test set you report on.
+them are the usual alternative; without real defects, confetti noise on good images (ADTR+'s synthetic
+anomalies, labels known by construction) gives a proxy. Both sets are kept in the run, so
+switching back is one command. The images used must not be the test set you report on.
 """
 
 from __future__ import annotations
@@ -40,6 +41,36 @@ def f1_calibration(samples: Sequence[Sample], run: Path) -> dict[str, Any]:
     return out
 
 
+def confetti_f1_calibration(good_images: Sequence[Path], run: Path, seed: int = 0) -> dict[str, Any]:
+    """F1-optimal thresholds on good images and a confetti-corrupted copy of each (labels and
+    masks known by construction, as for ADTR+). A proxy: synthetic defects are not real ones,
+    so check the result on real defects before trusting it on a line."""
+    import numpy as np
+    import torch
+
+    from adtr.confetti import confetti
+    from adtr.data.images import image_to_tensor, read_image
+    from adtr.detector import Detector
+
+    if len(good_images) < 2:
+        raise AdtrError(f"confetti calibration needs at least 2 good images, got {len(good_images)}")
+    det = Detector.load(run, device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    scores, labels, maps, masks = [], [], [], []
+    for path in good_images:
+        image = image_to_tensor(read_image(path), det.image_size)  # (3, S, S)
+        corrupted, mask = confetti(image, g)
+        m, sc = det.score_tensors(torch.stack([image, corrupted]))
+        scores += sc.tolist()
+        labels += [0, 1]
+        maps.append(m.numpy())
+        masks.append(np.stack([np.zeros_like(mask.numpy()), mask.numpy()]))
+    thr, f1 = f1_optimal_threshold(np.array(scores), np.array(labels))
+    pthr, pf1 = f1_optimal_threshold(np.concatenate(maps).ravel(), np.concatenate(masks).ravel())
+    return {"threshold_f1": thr, "f1_image": f1, "pixel_threshold_f1": pthr, "f1_pixel": pf1,
+            "f1_images": 2 * len(good_images), "f1_source": "confetti"}
+
+
 def apply_mode(calibration: dict[str, Any], mode: str) -> dict[str, Any]:
     """Calibration with the active thresholds switched to ``mode`` (fpr | f1)."""
     if mode not in MODES:
@@ -60,16 +91,22 @@ def apply_mode(calibration: dict[str, Any], mode: str) -> dict[str, Any]:
     return cal
 
 
-def calibrate(run: Path, mode: str, samples: Sequence[Sample] | None = None) -> dict[str, Any]:
-    """Switch ``run``'s active thresholds to ``mode``, first computing the F1 ones from
-    ``samples`` when given; rewrites ``model.pt`` atomically and returns the calibration."""
+def calibrate(run: Path, mode: str, samples: Sequence[Sample] | None = None,
+              confetti_images: Sequence[Path] | None = None) -> dict[str, Any]:
+    """Switch ``run``'s active thresholds to ``mode``, first computing the F1 ones from labelled
+    ``samples`` or from confetti on ``confetti_images`` when given; rewrites ``model.pt``
+    atomically and returns the calibration."""
     path = ckpt_io.find_run_file(Path(run))
     ckpt = ckpt_io.load_checkpoint(path)
     if ckpt.get("kind") != "model":
         raise AdtrError(f"{path}: not a finished model; finish training first (adtr fit --resume)")
     cal = dict(ckpt["calibration"])
+    if samples is not None and confetti_images is not None:
+        raise AdtrError("give labelled data or good images for confetti, not both")
     if samples is not None:
-        cal.update(f1_calibration(samples, path))
+        cal.update(f1_calibration(samples, path), f1_source="labelled")
+    if confetti_images is not None:
+        cal.update(confetti_f1_calibration(confetti_images, path))
     cal = apply_mode(cal, mode)
     ckpt["calibration"] = cal
     ckpt_io.atomic_save(ckpt, path)

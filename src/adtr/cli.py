@@ -214,13 +214,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from adtr.calibrate import calibrate
     from adtr.data import validate_readable
 
-    samples = None
+    samples, good = None, None
     if args.data:
         samples = resolve_test_samples(Path(args.data), Path(args.masks) if args.masks else None)
         validate_readable(samples)
-    elif args.mode == "f1" and args.masks:
+    elif args.masks:
         raise AdtrError("--masks needs --data")
-    cal = calibrate(Path(args.run), args.mode, samples)
+    if args.confetti:
+        from adtr.data import list_images, verify_image
+
+        good = list_images(Path(args.confetti))
+        for p in good:
+            verify_image(p)
+    cal = calibrate(Path(args.run), args.mode, samples, good)
     fmt = lambda k: f"{cal[k]:.4f}" if k in cal else "-"  # noqa: E731
     print(f"mode {cal['mode']}: image threshold {cal['threshold']:.4f}, pixel threshold {cal['pixel_threshold']:.4f}")
     print(f"  target-FPR thresholds: image {fmt('threshold_fpr')}, pixel {fmt('pixel_threshold_fpr')}")
@@ -410,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="labelled images (good/ and defect folders, or a MVTec category's test split); "
                                   "never the test set you report on")
     p.add_argument("--masks", help="mask folder mirroring the defect folders (for the pixel threshold)")
+    p.add_argument("--confetti", metavar="GOOD_DIR",
+                   help="no real defects: F1 on these good images and a confetti-corrupted copy of each (a proxy)")
     p.set_defaults(func=cmd_calibrate)
     p = sub.add_parser("test", help="metrics on labelled test images")
     p.add_argument("run", help="run folder")

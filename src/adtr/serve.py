@@ -97,7 +97,9 @@ class Scorer:
             pred = self.detector.predict(image, threshold=self.threshold)
             thr = pred.threshold
             vmax = 2 * thr if np.isfinite(thr) and thr > 0 else float(np.max(pred.anomaly_map))  # as `adtr predict`
-            png = overlay_png(image, pred.anomaly_map, vmax, pred.defect_mask)
+            # Runs from before pixel calibration have no pixel threshold: no mask rather than an empty one.
+            mask = pred.defect_mask if np.isfinite(self.detector.pixel_threshold) else None
+            png = overlay_png(image, pred.anomaly_map, vmax, mask)
             seconds = time.perf_counter() - t0
         return {
             "source": name,
@@ -108,7 +110,7 @@ class Scorer:
             "threshold": _finite(thr),
             "is_anomalous": bool(pred.is_anomalous),
             "verdict": "anomalous" if pred.is_anomalous else "normal",
-            "defect_fraction": float(np.mean(pred.defect_mask)),
+            "defect_fraction": None if mask is None else float(np.mean(mask)),
             "overlay_png": base64.b64encode(png).decode("ascii"),
             "seconds": round(seconds, 4),
         }
@@ -213,7 +215,7 @@ class PredictionOut(BaseModel):
     threshold: float | None
     is_anomalous: bool
     verdict: str  # "anomalous" | "normal"
-    defect_fraction: float  # share of the image's pixels in the defect mask
+    defect_fraction: float | None  # share of the image's pixels in the defect mask; None: no pixel threshold
     overlay_png: str  # base64 PNG: image | anomaly map | overlay | defect mask
     seconds: float  # decode + score + drawing
 

@@ -59,7 +59,8 @@ function show(r) {
   $("normalized-score").textContent = r.normalized_score === null ? "n/a" : r.normalized_score.toFixed(3);
   $("threshold").textContent = r.threshold === null ? "n/a" : r.threshold.toFixed(4);
   $("source").textContent = r.source + " (" + r.width + " x " + r.height + " px)";
-  $("defect-area").textContent = (100 * r.defect_fraction).toFixed(1) + "% of the image";
+  $("defect-area").textContent = r.defect_fraction === null ? "not calibrated (run predates pixel thresholds)"
+    : (100 * r.defect_fraction).toFixed(1) + "% of the image";
   $("overlay").src = "data:image/png;base64," + r.overlay_png;
   const result = $("result");
   result.dataset.source = r.source;
@@ -150,7 +151,7 @@ _BODY = """<!doctype html>
     <figure>
       <img id="overlay" alt="image, anomaly map, overlay and defect mask">
       <figcaption>image | anomaly map (blue low, red high; red from twice the threshold) | overlay |
-        defect mask</figcaption>
+        defect mask (when the run has a pixel threshold)</figcaption>
     </figure>
   </div>
 </section>

@@ -96,12 +96,6 @@ def _roc(positive: np.ndarray, scores: np.ndarray, what: str) -> tuple[np.ndarra
     return fpr, tpr
 
 
-def _auroc(positive: np.ndarray, scores: np.ndarray, what: str) -> float:
-    """Area under :func:`_roc` by the trapezoidal rule (a tie counts half, as in sklearn)."""
-    fpr, tpr = _roc(positive, scores, what)
-    return float(np.trapezoid(tpr, fpr))
-
-
 def roc_curve(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Image-level ROC curve, the one :func:`image_auroc` integrates.
 
@@ -149,11 +143,8 @@ def image_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     Raises:
         AdtrError: If only one class is present or shapes differ.
     """
-    y = _as_labels(labels, "labels").ravel()
-    s = _as_scores(scores, "scores").ravel()
-    if y.shape != s.shape:
-        raise AdtrError(f"got {y.size} labels but {s.size} scores")
-    return _auroc(y, s, "image")
+    fpr, tpr = roc_curve(labels, scores)
+    return float(np.trapezoid(tpr, fpr))
 
 
 def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
@@ -168,8 +159,8 @@ def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
     Raises:
         AdtrError: If all pixels are of one class or shapes mismatch.
     """
-    m, a = check_masks_and_maps(masks, maps, np.float32)
-    return _auroc(m.ravel(), a.ravel(), "pixel")
+    fpr, tpr = pixel_roc_curve(masks, maps)
+    return float(np.trapezoid(tpr, fpr))
 
 
 def f1_max(labels: ArrayLike, scores: ArrayLike) -> tuple[float, float]:
