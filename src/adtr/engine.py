@@ -55,17 +55,12 @@ def build_model(cfg: ModelConfig, in_channels: int) -> ADTR:
     if cfg.reconstructor not in RECONSTRUCTORS:
         raise AdtrError(f"unknown reconstructor {cfg.reconstructor!r} (use {', '.join(RECONSTRUCTORS)})")
     grid = cfg.image_size // cfg.grid_stride
-    if cfg.neighbour_mask and (cfg.neighbour_mask % 2 == 0 or cfg.neighbour_mask >= grid):
-        raise AdtrError(f"--neighbour-mask {cfg.neighbour_mask}: must be odd and smaller than the {grid}x{grid} grid")
-    if cfg.neighbour_mask and cfg.reconstructor in ("cnn", "no-attention"):
-        raise AdtrError(f"--neighbour-mask needs attention; the {cfg.reconstructor!r} reconstructor has none")
-    if cfg.jitter < 0:
-        raise AdtrError(f"--jitter {cfg.jitter}: must be >= 0")
-    if cfg.pos_init not in ("uniform", "sincos"):
-        raise AdtrError(f"unknown --pos-init {cfg.pos_init!r} (use uniform or sincos)")
-    return ADTR(in_channels, grid, cfg.dim, cfg.num_heads, cfg.num_encoder_layers,
-                cfg.num_decoder_layers, cfg.ffn_dim, cfg.dropout, cfg.error_space, cfg.reconstructor,
-                cfg.neighbour_mask, cfg.jitter, cfg.pos_init)
+    try:
+        return ADTR(in_channels, grid, cfg.dim, cfg.num_heads, cfg.num_encoder_layers,
+                    cfg.num_decoder_layers, cfg.ffn_dim, cfg.dropout, cfg.error_space, cfg.reconstructor,
+                    cfg.neighbour_mask, cfg.jitter, cfg.pos_init)
+    except ValueError as exc:  # the model validates its own options (mask size, jitter, pos_init)
+        raise AdtrError(f"model options: {exc}") from None
 
 
 def restore_networks(ckpt: dict[str, Any], path: Path) -> tuple[RunConfig, FrozenBackbone | PixelPatches, ADTR]:
