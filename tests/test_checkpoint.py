@@ -74,6 +74,9 @@ def test_compatibility_check_names_the_difference(tmp_path):
         ckpt_io.check_compatible(ckpt, tmp_path / "m.pt", backbone="resnet18")
     with pytest.raises(AdtrError, match="expects 256px images, not 128px"):
         ckpt_io.check_compatible(ckpt, tmp_path / "m.pt", image_size=128)
+    with pytest.raises(AdtrError, match="grid of stride 16, not 8"):
+        ckpt_io.check_compatible(ckpt, tmp_path / "m.pt", grid_stride=8)
+    ckpt_io.check_compatible(ckpt, tmp_path / "m.pt", "tf_efficientnet_lite0", 256, 16)  # all equal: accepted
 
 
 def test_atomic_writes_get_ordinary_permissions(tmp_path):

@@ -109,6 +109,39 @@ def test_checkpoint_from_another_backbone(tiny_run, tmp_path, capsys):
     assert "model.pt" in err and "resnet18" in err
 
 
+def test_checkpoint_whose_weights_do_not_fit_its_grid(tiny_run, tmp_path, capsys):
+    """A model.pt whose config names another grid than its position embeddings were trained on."""
+    ckpt = ckpt_io.load_checkpoint(tiny_run / "model.pt")
+    ckpt["config"]["model"]["grid_stride"] = 8  # 64 px: an 8x8 grid instead of the 4x4 it was trained with
+    ckpt_io.atomic_save(ckpt, tmp_path / "other" / "model.pt")
+    err = error_of(capsys, ["predict", str(tmp_path / "other"), str(tiny_run)])
+    assert "model.pt" in err and "do not fit" in err
+
+
+def test_malicious_model_file_never_runs_from_the_cli(tmp_path, capsys):
+    """A model.pt that would create a marker file when unpickled: refused, marker never made."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    run = tmp_path / "evil"
+    run.mkdir()
+    with open(run / "model.pt", "wb") as fh:
+        torch.save({"format_version": ckpt_io.FORMAT_VERSION, "kind": "model", "x": Payload()}, fh,
+                   pickle_module=pickle)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    for argv in (["predict", str(run), str(image)], ["test", str(run), "--data", str(tmp_path)],
+                 ["export", str(run)], ["calibrate", str(run), "--mode", "fpr"]):
+        err = error_of(capsys, argv)
+        assert "model.pt" in err and "refused" in err, err
+        assert not marker.exists()
+
+
 def test_resume_refuses_other_backbone(tiny_category, tmp_path, capsys):
     run = tmp_path / "run"
     ckpt_io.atomic_save({"format_version": ckpt_io.FORMAT_VERSION,

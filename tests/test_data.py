@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import io
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -24,6 +28,7 @@ from adtr.data import (
     read_mask,
     validate_readable,
 )
+from adtr.data.images import decode_image
 from adtr.errors import AdtrError
 
 SIZE = 16
@@ -287,3 +292,74 @@ def test_image_dataset(mvtec: Path) -> None:
     assert batch["label"].tolist() == [1, 1, 0, 1] and batch["index"].tolist() == [0, 1, 2, 3]
     with pytest.raises(AdtrError):
         ImageDataset([], SIZE)
+
+
+# ---------------------------------------------------------------- properties (hypothesis)
+
+SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "BMP": ".bmp"}
+HYPOTHESIS_MODES = ("L", "RGB", "RGBA", "P", "I;16", "I", "F", "1", "CMYK")
+
+
+def _pil_can_write(mode: str, fmt: str) -> bool:
+    try:
+        Image.new(mode, (1, 1)).save(io.BytesIO(), fmt)
+    except (OSError, KeyError, ValueError):
+        return False
+    return True
+
+
+# Asked from PIL instead of hard-coded, so a Pillow upgrade that adds or drops a
+# writer (Pillow 13 dropped I -> PNG) changes what is tested, not whether it runs.
+WRITABLE = [(mode, fmt) for fmt in SUFFIX for mode in HYPOTHESIS_MODES if _pil_can_write(mode, fmt)]
+
+_PIXEL = {  # mode -> (numpy dtype, channels, elements); None = hypothesis' default for the dtype
+    "L": (np.uint8, 1, None),
+    "P": (np.uint8, 1, None),
+    "1": (np.bool_, 1, None),
+    "RGB": (np.uint8, 3, None),
+    "RGBA": (np.uint8, 4, None),
+    "CMYK": (np.uint8, 4, None),
+    "I;16": (np.dtype("<u2"), 1, None),
+    "I": (np.int32, 1, None),
+    "F": (np.float32, 1, st.floats(width=32)),  # NaN and +-inf included: TIFF stores them
+}
+
+
+@st.composite
+def image_files(draw) -> tuple[Image.Image, str]:
+    """Any image PIL can write in one of the accepted formats, and that format."""
+    mode, fmt = draw(st.sampled_from(WRITABLE))
+    width, height = draw(st.integers(1, 64)), draw(st.integers(1, 64))
+    dtype, channels, elements = _PIXEL[mode]
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    arr = draw(hnp.arrays(dtype, shape, elements=elements))
+    if mode == "1":
+        img = Image.fromarray(arr)
+    else:
+        img = Image.frombytes(mode, (width, height), np.ascontiguousarray(arr).tobytes())
+    if mode == "P":
+        img.putpalette(draw(st.binary(min_size=768, max_size=768)))
+        transparency = draw(st.one_of(st.none(), st.integers(0, 255), st.binary(min_size=1, max_size=256)))
+        if transparency is not None:
+            img.info["transparency"] = transparency
+    return img, fmt
+
+
+# Derandomized and without an example database: CI runs the same ~8 examples per
+# (mode, format) pair every time and nothing is written into the checkout.
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(case=image_files(), size=st.integers(1, 96))
+def test_any_writable_image_reads_as_rgb_tensor_and_mask(case, size: int) -> None:
+    img, fmt = case
+    with tempfile.TemporaryDirectory() as tmp:  # not tmp_path: it is shared by all examples
+        path = Path(tmp) / f"img{SUFFIX[fmt]}"
+        img.save(path, fmt)
+        t = image_to_tensor(read_image(path), size)
+        assert t.dtype == torch.float32 and t.shape == (3, size, size)
+        assert not torch.isnan(t).any()
+        assert 0.0 <= t.min().item() and t.max().item() <= 1.0
+        # The upload path decodes the same bytes with the same rules.
+        uploaded = image_to_tensor(decode_image(path.read_bytes(), path.name), size)
+        assert torch.equal(uploaded, t)
+        m = read_mask(path, size)
+        assert m.dtype == torch.bool and m.shape == (size, size)

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from adtr import checkpoint as ckpt_io
-from adtr.config import RunConfig, plus_config, with_overrides
+from adtr.config import RunConfig, TrainConfig, plus_config, with_overrides
 from adtr.data import Sample, index_mvtec
 from adtr.detector import Detector
-from adtr.engine import autocast, batch_order, fit, lr_factor, resolve_precision, split_train_val
+from adtr.engine import autocast, batch_order, fit, lr_factor, replan_epochs, resolve_precision, split_train_val
 from adtr.errors import AdtrError
 
 from conftest import tiny_config
@@ -98,6 +98,15 @@ def test_time_budget_limits_epochs(tiny_category, tmp_path):
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
     result = fit(tiny_config(epochs=10_000, max_minutes=0.02), samples, tmp_path / "r")
     assert 1 <= result.epochs < 10_000
+    assert len(result.history) == result.epochs  # the re-planned count is the one trained
+
+
+def test_replan_counts_the_whole_fit_against_the_budget():
+    cfg = TrainConfig(epochs=1000, max_minutes=10)
+    # 100 s already spent on features and the first epoch, 20 s per epoch, 10 s kept for calibration.
+    assert replan_epochs(cfg, elapsed_seconds=100, epoch_seconds=20, reserve_seconds=10) == 1 + 490 // 20
+    assert replan_epochs(cfg, elapsed_seconds=700, epoch_seconds=20, reserve_seconds=10) == 1  # over budget
+    assert replan_epochs(TrainConfig(epochs=5, max_minutes=10), 10, 1, 0) == 5  # --epochs still caps it
 
 
 def test_best_validation_epoch_is_selected(tiny_category, tmp_path):

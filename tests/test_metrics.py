@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from scipy import ndimage
 from sklearn.metrics import f1_score, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
@@ -195,3 +198,137 @@ def test_roc_curves_match_sklearn_with_ties() -> None:
     np.testing.assert_allclose(tpr, sk_tpr, atol=1e-12)
     with pytest.raises(AdtrError, match="both normal and anomalous"):
         roc_curve([1, 1], [0.1, 0.2])
+
+
+# ---------------------------------------------------------------- properties (hypothesis)
+#
+# Derandomized and without an example database, so CI runs the same examples every
+# time and nothing is written into the checkout; example counts keep each test < ~2 s.
+
+PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None)
+
+# Strictly increasing maps: they keep ties as ties and the order of distinct scores, so
+# every threshold splits the samples exactly as before and the ROC curve is unchanged.
+MONOTONE = {
+    "exp": np.exp,
+    "affine": lambda x: 3.0 * x + 7.0,
+    "cube": lambda x: x**3,
+    "shifted_log": lambda x: np.log(x + 51.0),  # scores are > -51
+}
+
+# Small grid values give many ties; the floats stay where all transforms above are
+# finite. allow_subnormal=False: cubing a subnormal underflows to 0 (a float artefact,
+# not a property of the metric); the dense-rank check below rejects the rest.
+SCORE = st.one_of(
+    st.integers(-20, 20).map(lambda k: k / 4),
+    st.floats(-50.0, 50.0, allow_nan=False, allow_subnormal=False),
+)
+
+
+def dense_ranks(x: np.ndarray) -> np.ndarray:
+    """Rank of each value among the distinct values: equal iff same ties and order."""
+    return np.unique(x.ravel(), return_inverse=True)[1]
+
+
+@st.composite
+def labels_and_scores(draw, score=SCORE, max_size: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    """Labels with at least one normal and one anomalous sample, and one score each."""
+    rest = draw(st.lists(st.booleans(), max_size=max_size - 2))
+    labels = np.array(draw(st.permutations([True, False, *rest])))
+    scores = np.array(draw(st.lists(score, min_size=labels.size, max_size=labels.size)))
+    return labels, scores
+
+
+@st.composite
+def pixel_masks(draw, max_side: int = 10) -> np.ndarray:
+    """(N, H, W) bool masks with at least one anomalous and one normal pixel."""
+    n, h, w = draw(st.integers(1, 3)), draw(st.integers(1, max_side)), draw(st.integers(2, max_side))
+    masks = draw(hnp.arrays(np.bool_, (n, h, w)))
+    i, j = draw(st.lists(st.integers(0, masks.size - 1), min_size=2, max_size=2, unique=True))
+    masks.flat[i], masks.flat[j] = True, False
+    return masks
+
+
+@PROPERTY_SETTINGS
+@given(data=labels_and_scores(), name=st.sampled_from(sorted(MONOTONE)))
+def test_image_auroc_invariant_to_strictly_increasing_transforms(data, name: str) -> None:
+    labels, scores = data
+    transformed = MONOTONE[name](scores)
+    # Distinct floats may round to one value after the transform; that changes the ties.
+    assume(np.array_equal(dense_ranks(scores), dense_ranks(transformed)))
+    assert image_auroc(labels, transformed) == image_auroc(labels, scores)
+
+
+@PROPERTY_SETTINGS
+@given(data=labels_and_scores())
+def test_image_auroc_of_negated_scores_is_one_minus_auroc(data) -> None:
+    # Holds with ties too: a tied (anomalous, normal) pair is one diagonal ROC step
+    # and counts 1/2 either way, as in the Mann-Whitney U statistic.
+    labels, scores = data
+    assert image_auroc(labels, -scores) == pytest.approx(1.0 - image_auroc(labels, scores), abs=1e-12)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
+@given(
+    labels=st.lists(st.booleans(), max_size=38).map(lambda rest: np.array([True, False, *rest])),
+    seed=st.integers(0, 2**32 - 1),
+    tied=st.booleans(),
+)
+def test_image_auroc_of_label_independent_scores_is_half_on_average(labels, seed: int, tied: bool) -> None:
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    draws = 500
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 3, (draws, labels.size)) if tied else rng.normal(size=(draws, labels.size))
+    mean = np.mean([image_auroc(labels, s) for s in scores])
+    # AUROC = U / (n_pos n_neg). With scores independent of the labels its mean is
+    # exactly 1/2 (exchangeability; ties count 1/2) and, without ties, its variance is
+    # sigma^2 = (n + 1) / (12 n_pos n_neg); ties only lower it. Bernstein's inequality for
+    # the mean of K iid values in [0, 1]: P(|mean - 1/2| >= t) <= 2 exp(-K t^2 / (2 sigma^2 + 2t/3)).
+    # Solving for a failure probability delta = 1e-6 gives
+    # t = (L/3 + sqrt(L^2/9 + 2 K L sigma^2)) / K with L = ln(2 / delta);
+    # e.g. t ~ 0.13 for n = 2 and ~ 0.04 for 20 + 20 samples.
+    var = (labels.size + 1) / (12 * n_pos * n_neg)
+    log_term = np.log(2 / 1e-6)
+    bound = (log_term / 3 + np.sqrt(log_term**2 / 9 + 2 * draws * log_term * var)) / draws
+    assert abs(mean - 0.5) < bound
+
+
+@PROPERTY_SETTINGS
+@given(masks=pixel_masks(max_side=8), data=st.data(), name=st.sampled_from(sorted(MONOTONE)))
+def test_pixel_auroc_invariant_to_strictly_increasing_transforms(masks, data, name: str) -> None:
+    maps = data.draw(hnp.arrays(np.float64, masks.shape, elements=SCORE))
+    transformed = MONOTONE[name](maps)
+    # pixel_auroc works in float32: the transform must keep ties and order after that cast.
+    assume(np.array_equal(dense_ranks(maps.astype(np.float32)), dense_ranks(transformed.astype(np.float32))))
+    assert pixel_auroc(masks, transformed) == pixel_auroc(masks, maps)
+
+
+FPR_LIMIT = st.one_of(st.just(0.3), st.just(1.0), st.floats(0.0, 1.0, exclude_min=True))
+
+
+@PROPERTY_SETTINGS
+@given(
+    masks=pixel_masks(),
+    data=st.data(),
+    limit=FPR_LIMIT,
+)
+def test_aupro_in_unit_interval_for_arbitrary_maps(masks, data, limit: float) -> None:
+    elements = st.one_of(st.integers(-3, 3).map(float), st.floats(allow_nan=False, allow_infinity=False))
+    maps = data.draw(hnp.arrays(np.float64, masks.shape, elements=elements))
+    assert 0.0 <= aupro(masks, maps, fpr_limit=limit) <= 1.0
+
+
+@PROPERTY_SETTINGS
+@given(masks=pixel_masks(), data=st.data(), offset=st.floats(-100.0, 100.0), limit=FPR_LIMIT)
+def test_aupro_perfect_map_is_one_for_any_separating_noise(masks, data, offset: float, limit: float) -> None:
+    # mask + noise in [0, 0.999] puts every defect pixel (>= 1) above every normal
+    # pixel (<= 0.999); |offset| <= 100 is small enough not to merge the two.
+    noise = data.draw(hnp.arrays(np.float64, masks.shape, elements=st.floats(0.0, 1.0)))
+    maps = masks + 0.999 * noise + offset
+    assert maps[masks].min() > maps[~masks].max()
+    # PRO reaches 1 at FPR 0, so the area up to any limit is the limit itself; only the
+    # rounding of the cumulative sum of 1 / (region size * regions) (clipped above 1,
+    # not below) can leave it a few ulps short, hence the tolerance as in
+    # test_aupro_perfect_map_is_one.
+    assert aupro(masks, maps, fpr_limit=limit) == pytest.approx(1.0, abs=1e-12)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -230,3 +231,37 @@ def test_run_without_pixel_threshold_reports_no_mask(tiny_run, tiny_category):
     assert body["defect_fraction"] is None and body["verdict"] in ("normal", "anomalous")
     panel = Image.open(io.BytesIO(base64.b64decode(body["overlay_png"])))
     assert panel.size == (3 * 64 + 2 * 4, 64)  # image | map | overlay, no mask tile
+
+
+def load_benchmark():
+    """benchmarks/serve_load.py as a module: the test runs the very code that made docs/server-load.md."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_real_server_under_load_and_abuse(tiny_run, tiny_category):
+    """500 requests from 8 clients over loopback against `adtr serve` itself (uvicorn in a child
+    process), in 5 rounds: no errors, memory flat after the first round; then every hostile
+    request gets its 4xx and the server keeps serving."""
+    bench = load_benchmark()
+    images = bench.image_files(tiny_category / "test" / "hole") + bench.image_files(tiny_category / "test" / "good")
+    server = bench.start_server(tiny_run, max_upload_mb=1, threads=1)
+    try:
+        rounds = bench.load_rounds(server, images, requests=100, clients=8, rounds=5)
+        abuse = bench.abuse(server, images[0][1], 2**20)
+    finally:
+        server.stop()
+    assert all(r["errors"] == 0 for r in rounds), rounds
+    assert all(r["p99_ms"] >= r["p50_ms"] > 0 for r in rounds)
+    # Flat memory: the rounds after the first (which pays for allocator warm-up) stay within 16 MB of it.
+    rss = [r["rss_mb"] for r in rounds]
+    assert max(rss[1:]) - rss[1] < 16, rss
+    bad = [a for a in abuse if not (a["ok"] and a["still_serving"])]
+    assert not bad, bad

@@ -88,13 +88,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def check_compatible(ckpt: dict[str, Any], path: Path, backbone: str | None = None,
-                     image_size: int | None = None) -> None:
-    """Refuse a checkpoint whose backbone or input size differs from what is asked."""
-    model = ckpt["config"]["model"]
-    if backbone is not None and model["backbone"] != backbone:
-        raise file_error(path, f"checkpoint was trained with backbone {model['backbone']}, not {backbone}")
-    if image_size is not None and model["image_size"] != image_size:
-        raise file_error(path, f"checkpoint expects {model['image_size']}px images, not {image_size}px")
+                     image_size: int | None = None, grid_stride: int | None = None) -> None:
+    """Refuse a checkpoint whose backbone, input size or feature grid differs from what is asked."""
+    model = ckpt.get("config", {}).get("model", {})
+    if backbone is not None and model.get("backbone") != backbone:
+        raise file_error(path, f"checkpoint was trained with backbone {model.get('backbone')}, not {backbone}")
+    if image_size is not None and model.get("image_size") != image_size:
+        raise file_error(path, f"checkpoint expects {model.get('image_size')}px images, not {image_size}px")
+    if grid_stride is not None and model.get("grid_stride", 16) != grid_stride:
+        raise file_error(path, f"checkpoint has a feature grid of stride {model.get('grid_stride', 16)}, "
+                               f"not {grid_stride}")
 
 
 def find_run_file(run_dir: Path) -> Path:

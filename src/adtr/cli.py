@@ -6,12 +6,19 @@ Parse, build config, call the engine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
 import io
 import json
 import logging
+import os
+import shlex
+import shutil
 import sys
+import tempfile
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 from adtr import __version__
@@ -148,7 +155,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     last = Path(args.out) / ckpt_io.LAST_FILE
     saved = ckpt_io.load_checkpoint(last) if args.resume and last.is_file() else None
     if saved is not None:
-        ckpt_io.check_compatible(saved, last, args.backbone, args.image_size)
+        ckpt_io.check_compatible(saved, last, args.backbone, args.image_size, args.grid_stride)
     samples = resolve_training_samples(args.data)
     validate_readable(samples)
     if saved is not None:
@@ -162,6 +169,28 @@ def cmd_fit(args: argparse.Namespace) -> int:
     print(f"fitted {result.epochs} epochs in {result.seconds:.0f} s; image threshold {result.threshold:.4f}")
     print(f"run saved to {Path(args.out) / 'model.pt'}")
     return 0
+
+
+def fit_interrupted_message(args: argparse.Namespace, argv: list[str]) -> str:
+    """One line for Ctrl-C during ``fit``: what is saved and the exact command that goes on.
+
+    The command is the one given plus ``--resume``: a resumed run keeps its saved config,
+    and one interrupted before its first checkpoint starts afresh with these options.
+    """
+    from adtr import checkpoint as ckpt_io
+
+    out = Path(args.out)
+    resume = "adtr " + shlex.join(argv if args.resume else [*argv, "--resume"])
+    last = out / ckpt_io.LAST_FILE
+    with contextlib.suppress(AdtrError):  # written atomically, so loadable; still, never fail here
+        if last.is_file():
+            ckpt = ckpt_io.load_checkpoint(last)
+            return f"interrupted: {ckpt['epoch']} of {ckpt['epochs']} epochs saved in {last}; continue with: {resume}"
+    if (out / ckpt_io.MODEL_FILE).is_file():
+        return f"interrupted after the run was saved to {out / ckpt_io.MODEL_FILE}"
+    if out.is_dir():
+        return f"interrupted before the first checkpoint (no epoch saved); continue with: {resume}"
+    return f"interrupted before anything was saved; start again with: adtr {shlex.join(argv)}"
 
 
 def evaluate_run(args: argparse.Namespace):
@@ -195,7 +224,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_test(args: argparse.Namespace) -> int:
     det, samples, res = evaluate_run(args)
     out = Path(args.out) if args.out else Path(args.run) / "test"
-    write_json({"metrics": res.metrics, "per_type": res.per_type, "threshold": det.threshold}, out / "metrics.json")
+    with staged_outputs(out) as stage:  # metrics.json and report.html land together or not at all
+        write_json({"metrics": res.metrics, "per_type": res.per_type, "threshold": det.threshold},
+                   stage / "metrics.json")
+        if not args.no_report:
+            write_html_report(args, det, samples, res, stage / "report.html")
     fmt = lambda v: "absent" if v is None else f"{v:.4f}"  # noqa: E731
     m = res.metrics
     print(f"image AUROC {fmt(m['image_auroc'])}  pixel AUROC {fmt(m['pixel_auroc'])}  AUPRO {fmt(m['aupro'])}  "
@@ -205,8 +238,6 @@ def cmd_test(args: argparse.Namespace) -> int:
         print(f"  {t:<24} image AUROC {fmt(pm['image_auroc'])}  pixel AUROC {fmt(pm['pixel_auroc'])}  "
               f"AUPRO {fmt(pm['aupro'])}  FNR {fmt(pm['fnr_at_threshold'])}")
     print(f"metrics written to {out / 'metrics.json'}")
-    if not args.no_report:
-        write_html_report(args, det, samples, res, out / "report.html")
     return 0
 
 
@@ -235,6 +266,29 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def staged_outputs(out: Path) -> Iterator[Path]:
+    """Write a command's files into a hidden folder inside ``out`` and move them into place
+    only when the command succeeds: a failure half-way leaves ``out`` as it was (and
+    removes it if this command created it)."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".adtr-partial-", dir=out))
+    try:
+        yield stage
+        for src in sorted(stage.rglob("*")):
+            if src.is_file():
+                dst = out / src.relative_to(stage)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """Files, folders (their images) and glob patterns -> image paths, in order."""
     from adtr.data import list_images
@@ -244,13 +298,13 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         p = Path(item)
         if p.is_dir():
             paths += list_images(p)
-        elif p.exists():
-            paths.append(p)
+        elif p.exists() or p.is_symlink():
+            paths.append(p)  # read_image names what is wrong with a pipe, a dangling link or a loop
         else:
-            matches = sorted(glob.glob(item))
-            if not matches:
+            files = [Path(m) for m in sorted(glob.glob(item)) if Path(m).is_file()]
+            if not files:
                 raise AdtrError(f"{item}: no such file, folder or matching pattern")
-            paths += [Path(m) for m in matches if Path(m).is_file()]
+            paths += files
     return paths
 
 
@@ -272,22 +326,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     thr = det.threshold if args.threshold is None else args.threshold
     vmax = 2 * thr if np.isfinite(thr) and thr > 0 else None  # one colour scale for every overlay
     rows = []
-    for i in tqdm(range(0, len(paths), args.batch_size), desc="predict", unit="batch"):
-        chunk = paths[i:i + args.batch_size]
-        images = torch.stack([det.to_tensor(p) for p in chunk])  # (B, 3, S, S), decoded once
-        maps, scores = det.score_tensors(images)
-        for j, (p, image, amap, score) in enumerate(zip(chunk, images, maps.numpy(), scores.tolist())):
-            rows.append({"image": str(p), "score": score, "normalized_score": normalize_scores(score, thr),
-                         "threshold": thr, "label": "anomalous" if score > thr else "good"})
-            if not args.no_overlays:
-                panel = overlay_panel(tensor_to_uint8(image), amap, 0.0, vmax or float(amap.max()))
-                save_png(panel, out / "overlays" / f"{i + j:05d}_{p.stem}.png")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["image", "score", "normalized_score", "threshold", "label"])
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(buf.getvalue().encode(), out / "results.csv")
-    write_json(rows, out / "results.json")
+    with staged_outputs(out) as stage:  # an image that fails to decode half-way leaves nothing behind
+        for i in tqdm(range(0, len(paths), args.batch_size), desc="predict", unit="batch"):
+            chunk = paths[i:i + args.batch_size]
+            images = torch.stack([det.to_tensor(p) for p in chunk])  # (B, 3, S, S), decoded once
+            maps, scores = det.score_tensors(images)
+            for j, (p, image, amap, score) in enumerate(zip(chunk, images, maps.numpy(), scores.tolist())):
+                rows.append({"image": str(p), "score": score, "normalized_score": normalize_scores(score, thr),
+                             "threshold": thr, "label": "anomalous" if score > thr else "good"})
+                if not args.no_overlays:
+                    panel = overlay_panel(tensor_to_uint8(image), amap, 0.0, vmax or float(amap.max()))
+                    save_png(panel, stage / "overlays" / f"{i + j:05d}_{p.stem}.png")
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["image", "score", "normalized_score", "threshold", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+        # surrogateescape: a file name that is not UTF-8 goes back out as the bytes it came in as
+        atomic_write_bytes(buf.getvalue().encode("utf-8", "surrogateescape"), stage / "results.csv")
+        write_json(rows, stage / "results.json")
     n_bad = sum(r["label"] == "anomalous" for r in rows)
     print(f"{len(rows)} images: {n_bad} anomalous, {len(rows) - n_bad} good (threshold {thr:.4f})")
     print(f"results written to {out / 'results.csv'}")
@@ -479,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
@@ -486,8 +543,12 @@ def main(argv: list[str] | None = None) -> int:
     except AdtrError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; a fit can be continued with `adtr fit --resume`", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # Free the interrupted frames first: their progress bars close and end their line,
+        # so the message below is the last line, not glued to (or followed by) a bar.
+        traceback.clear_frames(exc.__traceback__)
+        message = fit_interrupted_message(args, argv) if args.command == "fit" else "interrupted"
+        print(message, file=sys.stderr)
         return 130
 
 

@@ -10,8 +10,10 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import itertools
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,8 +197,13 @@ class FitResult:
     selected_epoch: int
 
 
-def estimate_epochs(model: ADTR, feats: torch.Tensor, cfg: TrainConfig, device: torch.device) -> int:
-    """Epochs that fit in ``cfg.max_minutes``, from timing a few steps on a throwaway copy."""
+def estimate_epochs(model: ADTR, feats: torch.Tensor, cfg: TrainConfig, device: torch.device,
+                    spent_seconds: float = 0.0) -> int:
+    """Epochs that fit in what is left of ``cfg.max_minutes`` (the whole fit's budget, of which
+    ``spent_seconds`` went to feature caching), from timing a few steps on a throwaway copy.
+
+    A first guess: `fit` re-plans after its first epoch, from that epoch's measured time.
+    """
     if cfg.max_minutes <= 0:
         return cfg.epochs
     probe = copy.deepcopy(model).train()
@@ -216,8 +223,16 @@ def estimate_epochs(model: ADTR, feats: torch.Tensor, cfg: TrainConfig, device: 
         times.append(time.perf_counter() - t)
     step_s = min(times[1:])  # the first step pays for one-off allocation
     steps_per_epoch = len(batch_order(len(feats), cfg.batch_size, 0, 0))
-    epochs = int(cfg.max_minutes * 60 / (step_s * steps_per_epoch * 1.05))
+    epochs = int((cfg.max_minutes * 60 - spent_seconds) / (step_s * steps_per_epoch * 1.05))
     return max(1, min(cfg.epochs, epochs))
+
+
+def replan_epochs(cfg: TrainConfig, elapsed_seconds: float, epoch_seconds: float, reserve_seconds: float) -> int:
+    """Epochs for a ``max_minutes`` budget once one whole epoch (training, validation and
+    checkpoint) has been timed: the step probe misses those overheads, so this is the
+    estimate that keeps the fit, features and calibration included, within the budget."""
+    left = cfg.max_minutes * 60 - elapsed_seconds - reserve_seconds
+    return max(1, min(cfg.epochs, 1 + int(left / max(epoch_seconds, 1e-9))))
 
 
 PLUS_LOSSES = ("pixel", "image")
@@ -252,9 +267,84 @@ def plus_loss(output: ADTROutput, pixel_labels: torch.Tensor, image_labels: torc
     return image_push_pull_loss(phi, image_labels, plus.topk, plus.alpha)
 
 
+def nothing_to_resume(run_dir: Path) -> bool:
+    """``fit --resume`` where there is no ``last.pt``: False (start afresh) or an error.
+
+    A folder without ``last.pt`` or ``model.pt`` is one where a fit was interrupted before
+    its first checkpoint (while caching features, which is redone anyway): nothing of value
+    is lost by starting again, so the same command goes on with a fresh start rather than
+    making the user retype it. A missing folder is more likely a mistyped ``--out`` and a
+    finished run has nothing left to do: those stay errors.
+    """
+    if not run_dir.is_dir():
+        raise AdtrError(f"{run_dir}: nothing to resume (no such folder); to start this run, drop --resume")
+    if (run_dir / ckpt_io.MODEL_FILE).is_file():
+        raise AdtrError(f"{run_dir}: nothing to resume (no {ckpt_io.LAST_FILE}): its training already finished")
+    log.warning("%s: nothing to resume (interrupted before its first checkpoint): starting afresh", run_dir)
+    return False
+
+
+def remove_stale_temp_files(run_dir: Path) -> None:
+    """Half-written temporary files of checkpoint writes that were killed (never read back)."""
+    for name in (ckpt_io.LAST_FILE, ckpt_io.MODEL_FILE):
+        for tmp in run_dir.glob(f".{name}.*.tmp"):
+            log.info("removing %s, left by an interrupted checkpoint write", tmp)
+            tmp.unlink(missing_ok=True)
+
+
+def holds_training(run_dir: Path) -> bool:
+    """Whether a run folder holds work worth keeping: ``model.pt``, or a ``last.pt`` past
+    epoch 0 (the epoch-0 one only saves redoing the set-up: a first epoch that diverges
+    leaves no folder that would refuse a rerun with other options)."""
+    if (run_dir / ckpt_io.MODEL_FILE).exists():
+        return True
+    last = run_dir / ckpt_io.LAST_FILE
+    if not last.exists():
+        return False
+    try:
+        return ckpt_io.load_checkpoint(last)["epoch"] > 0
+    except AdtrError:
+        return True  # not ours to delete
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The global random state, saved with each training checkpoint."""
+    state = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(ckpt: dict[str, Any], device: torch.device) -> None:
+    """Restore :func:`rng_state` (absent in older checkpoints: nothing to do)."""
+    if "rng" in ckpt:
+        torch.set_rng_state(ckpt["rng"])
+    if "cuda_rng" in ckpt and device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+
+
 def fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = False,
         device: torch.device | None = None, on_epoch: Callable[[dict[str, float]], None] | None = None,
         anomalies: ImageSource | None = None) -> FitResult:
+    """Train ADTR on good images and write a calibrated ``run_dir/model.pt`` (see :func:`_fit`).
+
+    A bad input found before anything resumable was saved (an image that does not decode,
+    say) removes the run folder again if this call created it: no half-made run is left.
+    """
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    try:
+        return _fit(config, samples, run_dir, resume, device, on_epoch, anomalies)
+    except AdtrError:
+        saved = holds_training(run_dir)
+        if created and not saved:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = False,
+         device: torch.device | None = None, on_epoch: Callable[[dict[str, float]], None] | None = None,
+         anomalies: ImageSource | None = None) -> FitResult:
     """Train ADTR on good images and write a calibrated ``run_dir/model.pt``.
 
     With ``config.plus.loss`` set, this is ADTR+ (section 3.3): the model of the run
@@ -268,9 +358,9 @@ def fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = F
     last_path = run_dir / ckpt_io.LAST_FILE
     state: dict[str, Any] | None = None
     images = image_list(samples)  # resolved once; stored in every training checkpoint
+    if resume and not last_path.is_file():
+        resume = nothing_to_resume(run_dir)
     if resume:
-        if not last_path.is_file():
-            raise AdtrError(f"{run_dir}: nothing to resume (no {ckpt_io.LAST_FILE})")
         state = ckpt_io.load_checkpoint(last_path)
         config = from_dict(state["config"])  # the run's own config wins
         if state.get("images") != images:
@@ -295,6 +385,10 @@ def fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = F
         backbone = build_backbone(mc)
     grid = backbone.grid_size(mc.image_size)  # validates the stride
     backbone.to(device)
+    # The folder exists from here on, so a fit killed while caching features can be rerun
+    # with --resume (see nothing_to_resume); leftovers of a killed checkpoint write go now.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(run_dir)
     cache = run_dir / "cache" / "train_features.npy"
     train_feats = extract_features(backbone, train_samples, mc.image_size, device, tc.feature_cache, cache,
                                    desc="caching train features")
@@ -324,17 +418,34 @@ def fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = F
         opt.load_state_dict(state["optimizer"])
         epochs, start_epoch, history = state["epochs"], state["epoch"], state["history"]
         train_seconds, best = state["train_seconds"], state["best"]
+        set_rng_state(state, device)
     else:
-        epochs, start_epoch, train_seconds = estimate_epochs(model, train_feats, tc, device), 0, 0.0
+        epochs = estimate_epochs(model, train_feats, tc, device, spent_seconds=time.perf_counter() - t0)
+        start_epoch, train_seconds = 0, 0.0
+
+    def save_last(done: int) -> None:
+        """The resumable state after ``done`` epochs (and the random state, for dropout and jitter)."""
+        ckpt_io.atomic_save({
+            "format_version": ckpt_io.FORMAT_VERSION, "kind": "training", "config": to_dict(config),
+            "versions": ckpt_io.versions(), "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "epoch": done, "epochs": epochs, "history": history, "train_seconds": train_seconds,
+            "best": best, "images": images, **rng_state(device),
+        }, last_path)
+
+    if state is None:
+        # Epoch 0: from now on the folder holds a resumable run, so Ctrl-C or a kill during the
+        # first epoch loses no more than that epoch (resuming from it equals a fresh start).
+        save_last(0)
     steps_per_epoch = len(batch_order(len(train_feats), tc.batch_size, tc.seed, 0))
     total_steps = epochs * steps_per_epoch
     warmup = int(tc.warmup_fraction * total_steps)
     log.info("training %d epochs x %d steps on %d images (%d held out)", epochs, steps_per_epoch,
              len(train_samples), len(val_samples))
 
-    bar = tqdm(range(start_epoch, epochs), desc="fit+" if plus else "fit", unit="epoch", initial=start_epoch,
-               total=epochs)
-    for epoch in bar:
+    bar = tqdm(desc="fit+" if plus else "fit", unit="epoch", initial=start_epoch, total=epochs)
+    for epoch in itertools.count(start_epoch):  # ``epochs`` may be re-planned after the first
+        if epoch >= epochs:
+            break
         te = time.perf_counter()
         record: dict[str, float] = {"epoch": epoch + 1}
         if clean_images is not None:
@@ -372,20 +483,31 @@ def fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = F
         record.update({"train_loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
                        "seconds": train_seconds})
         if val_feats is not None:
+            tv = time.perf_counter()
             record["val_loss"] = mean_loss(model, val_feats, device, tc.precision)
+            val_seconds = time.perf_counter() - tv
             if record["val_loss"] < best["val_loss"]:
                 best = {"epoch": epoch + 1, "val_loss": record["val_loss"],
                         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        if tc.max_minutes > 0 and epoch == 0:  # also when resumed from the epoch-0 checkpoint
+            # Calibration scores the held-out images once more, at full resolution: reserve
+            # twice a validation pass for it.
+            reserve = 2 * val_seconds if val_feats is not None else 0.0
+            replanned = replan_epochs(tc, time.perf_counter() - t0, time.perf_counter() - te, reserve)
+            if replanned != epochs:
+                log.info("budget of %g min: %d epochs instead of %d, from the first epoch's time",
+                         tc.max_minutes, replanned, epochs)
+                epochs, total_steps = replanned, replanned * steps_per_epoch
+                warmup = int(tc.warmup_fraction * total_steps)
+                bar.total = epochs
         history.append(record)
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record.get('val_loss', float('nan')):.3f}")
+        bar.update(1)
         if on_epoch is not None:
             on_epoch(record)
-        ckpt_io.atomic_save({
-            "format_version": ckpt_io.FORMAT_VERSION, "kind": "training", "config": to_dict(config),
-            "versions": ckpt_io.versions(), "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "epoch": epoch + 1, "epochs": epochs, "history": history, "train_seconds": train_seconds,
-            "best": best, "images": images,
-        }, last_path)
+        save_last(epoch + 1)
+        if epoch + 1 >= epochs:
+            break
         if tc.patience and val_feats is not None and epoch + 1 - best["epoch"] >= tc.patience:
             log.info("stopping: no improvement of the validation loss for %d epochs", tc.patience)
             break

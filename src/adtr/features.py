@@ -42,6 +42,8 @@ def extract_features(backbone: FrozenBackbone, samples: ImageSource, image_size:
         if cache_file is None:
             raise ValueError("a disk feature cache needs cache_file")
         cache_file.parent.mkdir(parents=True, exist_ok=True)
+        # Scratch space of this process only: always rewritten, never read back by a later
+        # one, so a file half-written by a killed fit is never trusted (`fit --resume` redoes it).
         store = np.lib.format.open_memmap(cache_file, mode="w+", dtype=np.float32, shape=shape)
         out = torch.from_numpy(store)
     else:

@@ -338,5 +338,5 @@ def write_report(result: EvalResult, run: RunInfo, samples: Sequence[Sample], pa
         top_k: Gallery size: the ``top_k`` highest-scoring good and lowest-scoring defective images.
     """
     path = Path(path)
-    atomic_write_bytes(render_report(result, run, samples, top_k).encode("utf-8"), path)
+    atomic_write_bytes(render_report(result, run, samples, top_k).encode("utf-8", "backslashreplace"), path)
     return path

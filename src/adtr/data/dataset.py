@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from adtr.data.images import image_to_tensor, read_image, read_mask, verify_image
+from adtr.data.images import check_mask_fits, image_size, image_to_tensor, read_image, read_mask, verify_image
 from adtr.data.samples import Sample
 from adtr.errors import AdtrError
 
@@ -36,10 +36,12 @@ class ImageDataset(Dataset):
         """Return ``image`` (3,S,S), ``mask`` (1,S,S) float 0/1, ``label`` and ``index``."""
         sample = self.samples[index]
         size = self.image_size
-        image = image_to_tensor(read_image(sample.image), size)
+        pil = read_image(sample.image)
+        image = image_to_tensor(pil, size)
         if sample.mask is None:
             mask = torch.zeros(1, size, size)
         else:
+            check_mask_fits(pil.size, image_size(sample.mask), sample.mask, sample.image)
             mask = read_mask(sample.mask, size).unsqueeze(0).float()
         return {
             "image": image,
@@ -90,3 +92,4 @@ def validate_readable(samples: Iterable[Sample]) -> None:
         verify_image(sample.image)
         if sample.mask is not None:
             verify_image(sample.mask)
+            check_mask_fits(image_size(sample.image), image_size(sample.mask), sample.mask, sample.image)

@@ -41,11 +41,13 @@ def list_images(folder: str | Path, *, allow_empty: bool = False) -> list[Path]:
     and per-image outputs are matched by stem, so the pairing would be ambiguous.
     """
     folder = require_dir(folder)
-    images = sorted(
-        p
-        for p in folder.iterdir()
-        if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
+    candidates = [p for p in folder.iterdir() if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES]
+    images = sorted(p for p in candidates if p.is_file())
+    for path in candidates:  # an image name that is not a readable file is a mistake worth stopping for
+        if path.is_symlink() and not path.exists():
+            raise file_error(path, "symbolic link that leads nowhere (missing target or a loop)")
+        if path.exists() and not path.is_file() and not path.is_dir():
+            raise file_error(path, "not a regular file (a folder, pipe, socket or device)")
     if not images and not allow_empty:
         raise file_error(folder, f"no images found (accepted suffixes: {', '.join(IMAGE_SUFFIXES)})")
     seen: dict[str, Path] = {}
@@ -61,10 +63,12 @@ def list_images(folder: str | Path, *, allow_empty: bool = False) -> list[Path]:
 def _open_loaded(path: str | Path) -> Image.Image:
     """Open and fully decode ``path``, turning every failure into an AdtrError."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise file_error(path, "symbolic link that leads nowhere (missing target or a loop)")
     if not path.exists():
         raise file_error(path, "file does not exist")
     if not path.is_file():
-        raise file_error(path, "not a regular file")
+        raise file_error(path, "not a regular file (a folder, pipe, socket or device)")
     if path.stat().st_size == 0:
         raise file_error(path, "file is empty (0 bytes)")
     return _decode(path, path)
@@ -90,8 +94,42 @@ def _decode(source: str | Path | BinaryIO, name: str | Path, max_pixels: int | N
         accepted = f" (accepted: {', '.join(formats)})" if formats else ""
         raise file_error(name, f"cannot read image: not a recognised image file{accepted}") from exc
     except Exception as exc:  # PIL raises many unrelated types on corrupt input.
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise file_error(name, f"cannot read image: {reason}") from exc
+        raise file_error(name, f"cannot read image: {failure_reason(exc)}") from exc
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why a file could not be read, without repeating its path."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a recognised image file"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return exc.strerror
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding pixels."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file
+        raise file_error(path, f"cannot read image: {failure_reason(exc)}") from exc
+
+
+def check_mask_fits(image: tuple[int, int], mask: tuple[int, int], mask_path: str | Path,
+                    image_path: str | Path) -> None:
+    """A mask must cover its image: the same size, or a rescaled copy (same aspect ratio within 2%).
+
+    Masks are resized to the model's input with nearest neighbour, so a mask of another
+    shape would silently mark the wrong pixels.
+    """
+    (iw, ih), (mw, mh) = image, mask
+    if (iw, ih) == (mw, mh):
+        return
+    if abs((mw / mh) / (iw / ih) - 1) > 0.02:
+        raise file_error(mask_path, f"mask is {mw}x{mh} pixels but its image {Path(image_path).name} is {iw}x{ih}: "
+                                    "a mask must have its image's size (or the same aspect ratio)")
 
 
 def verify_image(path: str | Path) -> None:
@@ -103,8 +141,7 @@ def verify_image(path: str | Path) -> None:
         with Image.open(path) as img:
             img.verify()
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise file_error(path, f"cannot read image: {reason}") from exc
+        raise file_error(path, f"cannot read image: {failure_reason(exc)}") from exc
 
 
 def _high_depth_to_uint8(img: Image.Image) -> np.ndarray:
@@ -180,7 +217,7 @@ def _mask_values(img: Image.Image) -> tuple[np.ndarray, float]:
     if img.mode in ("1", "L"):
         return np.asarray(img.convert("L"), dtype=np.float64), 255.0
     # Colour masks: a pixel is marked if any colour channel is (alpha ignored).
-    rgb = np.asarray(img.convert("RGB"), dtype=np.float64)
+    rgb = np.asarray(img.convert("RGBA"), dtype=np.float64)[..., :3]  # via RGBA: no PIL warning for P+tRNS
     return rgb.max(axis=2), 255.0
 
 
