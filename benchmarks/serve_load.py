@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import select
 import socket
 import subprocess
 import sys
@@ -121,14 +122,23 @@ def load_rounds(server: Server, images: list[tuple[str, bytes]], requests: int, 
 def raw_request(server: Server, request: bytes) -> tuple[int, bytes]:
     """Send bytes exactly as given (no client-side path normalisation); status code and body."""
     host, port = server.url.removeprefix("http://").split(":")
+    head, sep, body = request.partition(b"\r\n\r\n")
+    chunks = []
     with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(request)
-        chunks = []
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
+        s.sendall(head + sep)
+        # A server may answer from the headers alone (a declared length over the limit): read
+        # that answer instead of pushing a body it will not read (the connection would be reset).
+        early, _, _ = select.select([s], [], [], 0.5)
+        try:
+            if body and not early:
+                s.sendall(body)
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # refused mid-body: what arrived before the reset is the answer
     response = b"".join(chunks)
     status = int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/") else -1
     return status, response.partition(b"\r\n\r\n")[2]
@@ -243,6 +253,7 @@ def main() -> None:
     server = start_server(args.run, threads=args.threads)
     try:
         load = load_rounds(server, images, args.requests, args.clients, args.rounds)
+        print(json.dumps(load, indent=2), flush=True)  # kept in the log should the abuse part fail
         abuse_rows = abuse(server, images[0][1], 20 * 2**20)
     finally:
         server.stop()

@@ -101,6 +101,18 @@ def test_time_budget_limits_epochs(tiny_category, tmp_path):
     assert len(result.history) == result.epochs  # the re-planned count is the one trained
 
 
+def test_budget_is_kept_when_the_machine_slows_down(tiny_category, tmp_path):
+    """Epochs planned for a fast machine, then each one takes 2 s longer (a stand-in for other
+    work on the machine): the fit stops inside its 4 s budget and still writes a model."""
+    import time
+
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    result = fit(tiny_config(epochs=50, max_minutes=4 / 60), samples, tmp_path / "r",
+                 on_epoch=lambda record: time.sleep(2.0))
+    assert 1 <= result.epochs <= 2 and len(result.history) == result.epochs
+    assert (tmp_path / "r" / "model.pt").is_file()
+
+
 def test_replan_counts_the_whole_fit_against_the_budget():
     cfg = TrainConfig(epochs=1000, max_minutes=10)
     # 100 s already spent on features and the first epoch, 20 s per epoch, 10 s kept for calibration.

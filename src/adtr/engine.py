@@ -190,7 +190,7 @@ def image_list(samples: ImageSource) -> list[str]:
 @dataclass
 class FitResult:
     run_dir: Path
-    epochs: int
+    epochs: int  # trained (fewer than planned when stopped early by patience or the budget)
     seconds: float
     history: list[dict[str, float]]
     threshold: float
@@ -489,11 +489,12 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
             if record["val_loss"] < best["val_loss"]:
                 best = {"epoch": epoch + 1, "val_loss": record["val_loss"],
                         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        # Calibration scores the held-out images once more, at full resolution: reserve
+        # twice a validation pass for it.
+        reserve = 2 * val_seconds if val_feats is not None else 0.0
+        epoch_seconds = time.perf_counter() - te
         if tc.max_minutes > 0 and epoch == 0:  # also when resumed from the epoch-0 checkpoint
-            # Calibration scores the held-out images once more, at full resolution: reserve
-            # twice a validation pass for it.
-            reserve = 2 * val_seconds if val_feats is not None else 0.0
-            replanned = replan_epochs(tc, time.perf_counter() - t0, time.perf_counter() - te, reserve)
+            replanned = replan_epochs(tc, time.perf_counter() - t0, epoch_seconds, reserve)
             if replanned != epochs:
                 log.info("budget of %g min: %d epochs instead of %d, from the first epoch's time",
                          tc.max_minutes, replanned, epochs)
@@ -507,6 +508,12 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
             on_epoch(record)
         save_last(epoch + 1)
         if epoch + 1 >= epochs:
+            break
+        if tc.max_minutes > 0 and time.perf_counter() - t0 + epoch_seconds + reserve > tc.max_minutes * 60:
+            # The machine got slower than planned (other work on it): keep the promise of the
+            # budget; the best validated epoch so far is kept.
+            log.warning("the %g-minute budget is spent: stopping after %d of %d epochs", tc.max_minutes,
+                        epoch + 1, epochs)
             break
         if tc.patience and val_feats is not None and epoch + 1 - best["epoch"] >= tc.patience:
             log.info("stopping: no improvement of the validation loss for %d epochs", tc.patience)
@@ -532,7 +539,7 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
     last_path.unlink(missing_ok=True)
     if cache.exists():
         cache.unlink()
-    return FitResult(run_dir, epochs, seconds, history, threshold, selected_epoch)
+    return FitResult(run_dir, len(history), seconds, history, threshold, selected_epoch)
 
 
 def fpr_calibration(val_maps: torch.Tensor, val_scores: torch.Tensor, target_fpr: float) -> dict[str, Any]:
