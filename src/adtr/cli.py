@@ -211,13 +211,13 @@ def write_html_report(args: argparse.Namespace, det, samples, res, path: Path) -
     from adtr.report import RunInfo, write_report
 
     write_report(res, RunInfo.from_detector(det, args.run, args.data, args.masks), samples, path, top_k=args.top_k)
-    print(f"report written to {path}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     det, samples, res = evaluate_run(args)
     out = Path(args.out) if args.out else Path(args.run) / "test" / "report.html"
     write_html_report(args, det, samples, res, out)
+    print(f"report written to {out}")
     return 0
 
 
@@ -238,6 +238,8 @@ def cmd_test(args: argparse.Namespace) -> int:
         print(f"  {t:<24} image AUROC {fmt(pm['image_auroc'])}  pixel AUROC {fmt(pm['pixel_auroc'])}  "
               f"AUPRO {fmt(pm['aupro'])}  FNR {fmt(pm['fnr_at_threshold'])}")
     print(f"metrics written to {out / 'metrics.json'}")
+    if not args.no_report:
+        print(f"report written to {out / 'report.html'}")
     return 0
 
 
