@@ -54,8 +54,13 @@ DRIVER = textwrap.dedent('''
     (half-way through writing model.pt). At that moment it writes NAME.marker and sleeps,
     waiting to be killed.
     """
-    import io, json, os, sys, tempfile, time
+    import io, json, os, signal, sys, tempfile, time
     from pathlib import Path
+
+    # A shell without job control starts background commands with SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler: the suite run as `pytest &` would
+    # send its Ctrl-C into the void. A terminal's Ctrl-C reaches the default handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     import torch
 
