@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from provenance import short_commit  # benchmarks/ is on sys.path when a script runs
+
 HERE = Path(__file__).resolve().parent
 
 #: variant -> (fit options, the paper's mean MVTec pixel AUROC % for the same change, paper row).
@@ -63,7 +65,7 @@ def markdown(rows: list[dict], epochs: int) -> str:
         flag = " ".join(options) or "defaults"
         ref = f"{paper:.1f} ({paper_row})" if paper is not None else paper_row
         lines.append(f"| {name} (`{flag}`) | " + " | ".join(cells) + f" | {', '.join(fits)} | {ref} |")
-    commits = sorted({r["commit"][:12] for r in rows}) or ["unknown"]
+    commits = sorted({short_commit(r["commit"]) for r in rows}) or ["unknown"]
     if any(r.get("threads", 2) < 2 for r in rows):
         lines.append("\n\\* one CPU thread while other jobs shared the machine: metrics depend only on "
                      "the fixed epochs and seed (up to floating-point summation order), fit times are not comparable with the other rows.")

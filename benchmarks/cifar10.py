@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from provenance import git_commit  # benchmarks/ is on sys.path when a script runs
+from provenance import git_commit, short_commit  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 
@@ -89,7 +89,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                      f"{np.mean([p[1] for p in paper]):.1f} | |")
     return (
         "# CIFAR-10 one-class, image AUROC (%)\n\n"
-        f"Commit `{meta['commit'][:12]}`. Data: `{meta['root']}`. {meta['data_note']}\n\n"
+        f"Commit `{short_commit(meta['commit'])}`. Data: `{meta['root']}`. {meta['data_note']}\n\n"
         f"Budget: ADTR {meta['epochs']} epochs, ADTR+ {meta['plus_epochs']} epochs, batch {meta['batch_size']}, "
         f"backbone {meta['backbone']}, on {meta['machine']} (the paper: EfficientNet-B4, 500 epochs, then 300 "
         f"for ADTR+, batch 128). Test: the class's test images + 1000 from the other nine (seed {meta['seed']}). "

@@ -5,8 +5,8 @@
 Each (category, budget) is one `benchmarks/mvtec.py --single` process, so a row carries
 the full fit + test + timing record. ``--max-minutes`` budgets the training epochs (timed
 on a few steps first); the wall time of the whole fit, features and calibration
-included, is what the table reports. Rows are merged into ``minutes.json`` as they
-finish and ``minutes.md`` is rewritten each time.
+included, is what the table reports. Rows are merged into ``NAME.json`` (``--name``,
+default ``minutes``) as they finish and ``NAME.md`` is rewritten each time.
 """
 
 from __future__ import annotations
@@ -59,14 +59,15 @@ def main() -> None:
     parser.add_argument("--categories", nargs="+", default=["bottle", "grid"])
     parser.add_argument("--minutes", type=float, nargs="+", default=[1, 2, 5, 10, 20, 40])
     parser.add_argument("--out", type=Path, default=HERE / "results")
-    parser.add_argument("--render", action="store_true", help="only rewrite minutes.md from minutes.json")
+    parser.add_argument("--name", default="minutes", help="output file stem (default minutes)")
+    parser.add_argument("--render", action="store_true", help="only rewrite NAME.md from NAME.json")
     args, extra = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "minutes.json"
+    json_path, md_path = args.out / f"{args.name}.json", args.out / f"{args.name}.md"
     rows = json.loads(json_path.read_text()) if json_path.exists() else []
     if args.render:
-        (args.out / "minutes.md").write_text(markdown(rows))
-        print((args.out / "minutes.md").read_text())
+        md_path.write_text(markdown(rows))
+        print(md_path.read_text())
         return
     if args.root is None:
         parser.error("--root is required")
@@ -76,8 +77,8 @@ def main() -> None:
             row = run(args.root, category, minutes, extra)
             rows = [r for r in rows if (r["category"], r["budget_minutes"]) != (category, minutes)] + [row]
             json_path.write_text(json.dumps(rows, indent=2) + "\n")
-            (args.out / "minutes.md").write_text(markdown(rows))
-    print((args.out / "minutes.md").read_text())
+            md_path.write_text(markdown(rows))
+    print(md_path.read_text())
 
 
 if __name__ == "__main__":

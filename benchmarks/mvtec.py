@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from provenance import git_commit  # benchmarks/ is on sys.path when a script runs
+from provenance import git_commit, short_commit  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 PAPER = "ADTR paper (EfficientNet-B4, 500 epochs): mean of 15 MVTec categories, image AUROC about 96, pixel AUROC 97.2"
@@ -142,7 +142,7 @@ def report(rows: list[dict], fit_args: list[str]) -> str:
     for r in rows:
         for t, m in r["per_type"].items():
             per_type.append(f"| {r['category']} | {t} | {f(m['image_auroc'])} | {f(m['pixel_auroc'])} | {f(m['aupro'])} |")
-    return (f"# MVTec AD, adtr defaults{extra}\n\nCommit `{rows[0]['commit'][:12]}`, torch {rows[0]['torch']}, "
+    return (f"# MVTec AD, adtr defaults{extra}\n\nCommit `{short_commit(rows[0]['commit'])}`, torch {rows[0]['torch']}, "
             f"{rows[0]['threads']} threads, {rows[0]['machine']}. Timings: median over repeats, image already "
             f"decoded; fit time includes feature caching and calibration.\n\n" + markdown(rows)
             + "\nPer defect type (each type against all good test images):\n\n" + "\n".join(per_type)

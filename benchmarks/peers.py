@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from adtr.postprocess import pixel_anomaly_map
 
-from provenance import git_commit  # benchmarks/ is on sys.path when a script runs
+from provenance import git_commit, short_commit  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 BACKBONE = "tf_efficientnet_lite0"
@@ -514,7 +514,7 @@ def report(rows: list[dict[str, Any]]) -> str:
                                               if k not in ("bank_size", "full_bank_size")})) for r in rows})
     head = rows[0]
     return ("# MVTec AD, peers on ADTR's backbone (our PaDiM and PatchCore)\n\n"
-            f"Commit `{head['commit'][:12]}`, torch {head['torch']}, {head['threads']} threads, {head['machine']}. "
+            f"Commit `{short_commit(head['commit'])}`, torch {head['torch']}, {head['threads']} threads, {head['machine']}. "
             "Timings: median over repeats, image already decoded, backbone + scoring (map, upsampling, smoothing, "
             "image score); fit time includes training-feature extraction (and, for PatchCore, the coreset). "
             "Peak RSS is per process (PatchCore's coreset ratios share one).\n\n" + markdown(rows)

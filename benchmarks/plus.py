@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from provenance import git_commit  # benchmarks/ is on sys.path when a script runs
+from provenance import git_commit, short_commit  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 KEYS = ("image_auroc", "pixel_auroc", "aupro")
@@ -90,7 +90,7 @@ def markdown(rows: list[dict]) -> str:
     p = rows[0]["plus_config"] if rows else {}
     t = rows[0]["plus_train"] if rows else {}
     return ("# ADTR vs ADTR+ (pixel-level, synthetic confetti) from the same starting run\n\n"
-            f"Commit `{rows[0]['commit'][:12] if rows else ''}`. ADTR+ settings: {t.get('epochs')} epochs, lr "
+            f"Commit `{short_commit(rows[0]['commit']) if rows else ''}`. ADTR+ settings: {t.get('epochs')} epochs, lr "
             f"{t.get('lr')} x0.1 after {t.get('step_at', 0):.2f} of training, batch {t.get('batch_size')}, alpha "
             f"{p.get('alpha')}, anomaly probability {p.get('anomaly_prob')}, {p.get('variants')} cached confetti "
             f"variants per image redrawn every {p.get('refresh_every')} epochs, final epoch kept.\n\n"

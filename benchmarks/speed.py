@@ -14,6 +14,11 @@
 5. Peak resident memory, and the agreement of bf16 with the fp32 reference.
 6. onnxruntime: ms/image at both batch sizes for the exported full model (one ONNX
    graph: backbone, transformer, map and score; ``adtr export``), same thread count.
+7. torch.compile (``--engine compile``): the same full model compiled by Inductor, in
+   fp32 and bf16, ms/image at both batch sizes, compile time, agreement with eager fp32.
+
+``--before results/speed_before.json`` adds that earlier result beside this one (the
+committed tables compare with the run before this project's optimisations).
 
 Writes ``speed.json`` and ``speed.md``. Without ``--run`` the model is built from the
 default config with packaged backbone weights and an untrained transformer (speed does
@@ -32,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from provenance import git_commit  # benchmarks/ is on sys.path when a script runs
+from provenance import git_commit, short_commit  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 
@@ -125,6 +130,37 @@ def onnx_latency(backbone, model, cfg, images: torch.Tensor, batches, device: to
             "export_seconds": export_s, "file_mb": file_mb, "latency": latency, "max_relative_map_difference": diff}
 
 
+def compiled_latency(backbone, model, cfg, images: torch.Tensor, batches, device: torch.device) -> dict:
+    """ms/image of the full model (backbone, transformer, map, score) under torch.compile,
+    in fp32 and bf16, and its largest differences from eager fp32."""
+    from adtr.compiled import CompiledScorer
+    from adtr.errors import AdtrError
+    from adtr.export import ScoringModel
+    from adtr.models.adtr import ADTRDetector
+
+    scoring = ScoringModel(ADTRDetector(backbone, model), cfg.model.image_size, cfg.score.sigma,
+                           cfg.score.pool_size).eval()
+    with torch.no_grad():
+        ref_maps, ref_scores = scoring(images)
+    result = {}
+    for precision in ("fp32", "bf16"):
+        scorer = CompiledScorer(scoring, precision, device)
+        row = {}
+        for bs in batches:
+            t = time.perf_counter()
+            try:
+                maps, scores = scorer.score_tensors(images[:bs])  # compiles for this batch size
+            except AdtrError as exc:  # no compiler here: keep the other measurements
+                return {"skipped": str(exc)}
+            row[f"compile_seconds_b{bs}"] = time.perf_counter() - t
+            t = median_seconds(lambda: scorer.score_tensors(images[:bs]), 20 if bs == 1 else 3, device=device)
+            row[f"b{bs}"] = {"ms_total": 1000 * t / bs, "images_per_s": bs / t}
+        row["max_relative_map_difference"] = float((maps - ref_maps[:, 0].cpu()).abs().max() / ref_maps.abs().max())
+        row["max_relative_score_difference"] = float(((scores - ref_scores.cpu()).abs() / ref_scores.abs().cpu()).max())
+        result[precision] = row
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="a run folder (default: untrained default model)")
@@ -132,6 +168,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs=2, default=[1, 32], help="the two batch sizes timed")
     parser.add_argument("--name", default="speed", help="output file stem (default speed)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--before", type=Path, help="an earlier speed.json to show beside this run")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -149,9 +186,11 @@ def main() -> None:
     size = cfg.model.image_size
     images = torch.rand(max(args.batches), 3, size, size, device=cpu)
 
-    def head(feats, net=model):
-        out = net(feats)
-        pmap = pixel_anomaly_map(out.anomaly_map, (size, size), cfg.score.sigma)
+    def head(feats, net=model, precision="fp32"):
+        """Transformer, map and score, as ``ScoringModel`` does them: the map in fp32 always."""
+        with autocast(precision, cpu):
+            out = net(feats)
+        pmap = pixel_anomaly_map(out.anomaly_map.float(), (size, size), cfg.score.sigma)
         return image_score(pmap, cfg.score.pool_size)
 
     with torch.no_grad():
@@ -165,9 +204,10 @@ def main() -> None:
         for bs in args.batches:
             x, f = images[:bs], feats32[:bs]
             reps = 20 if bs == 1 else 3
-            with torch.no_grad(), autocast(precision, cpu):
-                t_backbone = median_seconds(lambda: backbone(x), reps, device=cpu)
-                t_head = median_seconds(lambda: head(f), reps, device=cpu)
+            with torch.no_grad():
+                with autocast(precision, cpu):
+                    t_backbone = median_seconds(lambda: backbone(x), reps, device=cpu)
+                t_head = median_seconds(lambda: head(f, precision=precision), reps, device=cpu)
             total = t_backbone + t_head
             flops = (flops_backbone + flops_head) * bs
             latency[f"{precision}_b{bs}"] = {
@@ -177,14 +217,14 @@ def main() -> None:
                 "ms_at_roofline": 1000 * (flops_backbone + flops_head) / 1e9 / roof[precision],
             }
 
+    compiled = compiled_latency(backbone, model, cfg, images, args.batches, cpu)
     onnx = onnx_latency(backbone, model, cfg, images, args.batches, cpu)
     if "skipped" in onnx:
         print(f"onnxruntime rows skipped: {onnx['skipped']}")
 
     with torch.no_grad():
         ref = head(feats32[:8])
-        with autocast("bf16", cpu):
-            fast = head(feats32[:8]).float()
+        fast = head(feats32[:8], precision="bf16")
     agreement = float(((fast - ref).abs() / ref.abs().clamp_min(1e-6)).max())
 
     train = {}
@@ -215,34 +255,59 @@ def main() -> None:
         "backbone": cfg.model.backbone, "roofline_gflops": roof,
         "gflops_per_image": {"backbone": flops_backbone / 1e9, "transformer_map_score": flops_head / 1e9},
         "train_step_gflops": step_flops / 1e9, "train_batch_size": cfg.train.batch_size,
-        "latency": latency, "onnxruntime": onnx, "train": train, "bf16_max_relative_score_difference": agreement,
+        "latency": latency, "compiled": compiled, "onnxruntime": onnx, "train": train, "bf16_max_relative_score_difference": agreement,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cpu.type == "cuda" else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
+    before = json.loads(args.before.read_text()) if args.before else None
+    text = markdown(result, before)
     (args.out / f"{args.name}.md").write_text(text)
     print(text)
 
 
-def markdown(r: dict) -> str:
+def markdown(r: dict, before: dict | None = None) -> str:
     g = r["gflops_per_image"]
+    was = f"before (`{short_commit(before['commit'])[:7]}`)" if before else None
+
+    def earlier(section: str, key: str, field: str, fmt: str = ".1f") -> str:
+        value = before.get(section, {}).get(key, {}).get(field) if before else None
+        return "" if not before else (" | n/a" if value is None else f" | {value:{fmt}}")
+
     lines = [
         f"# Speed on this machine ({r['device']}: {r['machine']}, {r['threads']} CPU threads, torch {r['torch']})\n",
-        f"Commit `{r['commit'][:12]}`, {r['backbone']} at {r['image_size']}x{r['image_size']}.\n",
+        f"Commit `{short_commit(r['commit'])}`, {r['backbone']} at {r['image_size']}x{r['image_size']}.\n",
         f"Roofline (large square matmul): fp32 {r['roofline_gflops']['fp32']:.0f} GFLOP/s, "
         f"bf16 {r['roofline_gflops']['bf16']:.0f} GFLOP/s. Model: {g['backbone']:.2f} GFLOP backbone + "
         f"{g['transformer_map_score']:.2f} GFLOP transformer, map and score per image; a training step at batch "
         f"{r['train_batch_size']} (forward + backward on cached features): {r['train_step_gflops']:.1f} GFLOP.\n",
+        "Eager PyTorch (`--engine torch`), image already decoded:\n",
         "| precision, batch | ms/img backbone | ms/img transformer + map + score | ms/img total | images/s | "
-        "ms/img at the roofline | roofline fraction |",
-        "|---|---|---|---|---|---|---|",
+        "ms/img at the roofline | roofline fraction" + (f" | ms/img total {was}" if was else "") + " |",
+        "|---|---|---|---|---|---|---|" + ("---|" if was else ""),
     ]
     for key, v in r["latency"].items():
         lines.append(f"| {key.replace('_b', ', batch ')} | {v['ms_backbone']:.1f} | {v['ms_transformer']:.1f} | "
                      f"{v['ms_total']:.1f} | {v['images_per_s']:.1f} | {v['ms_at_roofline']:.1f} | "
-                     f"{v['roofline_fraction']:.2f} |")
+                     f"{v['roofline_fraction']:.2f}{earlier('latency', key, 'ms_total')} |")
+    compiled = r.get("compiled")
+    if compiled and "skipped" in compiled:
+        lines.append(f"\ntorch.compile: skipped ({compiled['skipped']}).")
+    elif compiled:
+        lines += ["", "torch.compile (`--engine compile`): the whole model from image to map and score as one "
+                  "Inductor graph, weights frozen into it; compiled once per batch size.\n",
+                  "| precision, batch | ms/img total | images/s | roofline fraction | compile (s) | "
+                  "max map difference from eager fp32 | max score difference |", "|---|---|---|---|---|---|---|"]
+        flops = g["backbone"] + g["transformer_map_score"]
+        for precision, row in compiled.items():
+            for key in (k for k in row if k.startswith("b")):
+                v = row[key]
+                lines.append(f"| {precision}, batch {key[1:]} | {v['ms_total']:.1f} | {v['images_per_s']:.1f} | "
+                             f"{flops / (v['ms_total'] / 1000) / r['roofline_gflops'][precision]:.2f} | "
+                             f"{row['compile_seconds_' + key]:.0f} | {row['max_relative_map_difference']:.1e} | "
+                             f"{row['max_relative_score_difference']:.1e} |")
+        lines.append("\n(differences relative to the largest map value and to each score)")
     onnx = r.get("onnxruntime", {"skipped": "not measured"})
     if "skipped" in onnx:
         lines.append(f"\nonnxruntime: skipped ({onnx['skipped']}).")
@@ -255,11 +320,13 @@ def markdown(r: dict) -> str:
             ref = r["latency"].get(f"fp32_{key}", {}).get("ms_total", float("nan"))
             lines.append(f"| onnxruntime, batch {key[1:]} | {v['ms_total']:.1f} | {v['images_per_s']:.1f} | "
                          f"{ref:.1f} |")
-    lines += ["", "| training step | ms | GFLOP/s | roofline fraction |", "|---|---|---|---|"]
+    lines += ["", "| training step | ms | GFLOP/s | roofline fraction" + (f" | ms {was} | GFLOP/s {was}" if was else "")
+              + " |", "|---|---|---|---|" + ("---|---|" if was else "")]
     for key, v in r["train"].items():
-        lines.append(f"| {key} | {v['ms_per_step']:.0f} | {v['gflops_per_s']:.0f} | {v['roofline_fraction']:.2f} |")
-    lines.append(f"\nbf16 vs fp32 image scores: max relative difference {r['bf16_max_relative_score_difference']:.2e}. "
-                 f"Peak RSS {r['peak_rss_mb']:.0f} MB.")
+        lines.append(f"| {key} | {v['ms_per_step']:.0f} | {v['gflops_per_s']:.0f} | {v['roofline_fraction']:.2f}"
+                     f"{earlier('train', key, 'ms_per_step', '.0f')}{earlier('train', key, 'gflops_per_s', '.0f')} |")
+    lines.append(f"\nbf16 vs fp32 image scores (eager): max relative difference "
+                 f"{r['bf16_max_relative_score_difference']:.2e}. Peak RSS {r['peak_rss_mb']:.0f} MB.")
     return "\n".join(lines) + "\n"
 
 

@@ -95,7 +95,7 @@ def test_onnx_matches_pytorch(run, det, test_images, batch):
 def test_detector_onnx_engine(run, det, test_images):
     ref = det.predict(test_images, batch_size=5)
     fast = Detector.load(run, device="cpu", engine="onnx")
-    assert det.onnx_scorer is None and fast.onnx_scorer is not None and fast.threshold == det.threshold
+    assert det.scorer is None and fast.scorer is not None and fast.threshold == det.threshold
     out = fast.predict(test_images, batch_size=5)
     np.testing.assert_allclose([p.score for p in out], [p.score for p in ref], rtol=RTOL)
     assert [p.is_anomalous for p in out] == [p.is_anomalous for p in ref]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from adtr import __version__
 from adtr.checkpoint import atomic_write_bytes
-from adtr.config import RunConfig, with_overrides
+from adtr.config import ENGINES, RunConfig, with_overrides
 from adtr.errors import AdtrError
 
 log = logging.getLogger("adtr")
@@ -379,7 +379,8 @@ def cmd_tsne(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from adtr.serve import serve
 
-    serve(args.run, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, threshold=args.threshold)
+    serve(args.run, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, threshold=args.threshold,
+          precision=args.precision, engine=args.engine)
     return 0
 
 
@@ -388,6 +389,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(Path(args.out), minutes=args.minutes, seed=args.seed)
     return 0
+
+
+def add_inference_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="fp32 (default: the reference the threshold was calibrated with) or bf16 autocast "
+                        "(faster on AMX/AVX512-BF16 CPUs and GPUs; scores within about 1%%)")
+    p.add_argument("--engine", choices=ENGINES, default="torch",
+                   help="torch (default); onnx: onnxruntime with RUN/model.onnx from `adtr export` (fp32); "
+                        "compile: torch.compile, fastest after about 30 s of compilation per batch size")
 
 
 def add_fit_options(p: argparse.ArgumentParser) -> None:
@@ -500,11 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="score threshold (default: the run's calibrated one)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-overlays", action="store_true", help="skip heat-map PNGs")
-    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
-                   help="fp32 (default: the reference the threshold was calibrated with) or bf16 autocast "
-                        "(faster on AMX/AVX512-BF16 CPUs and GPUs; scores within about 1%%)")
-    p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
-                   help="torch (default) or onnx: onnxruntime with RUN/model.onnx from `adtr export` (fp32)")
+    add_inference_options(p)
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("export", help="write the run as one ONNX graph: image -> (anomaly map, score)")
     p.add_argument("run", help="run folder")
@@ -527,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload in MiB (default 20)")
     p.add_argument("--threshold", type=float, help="score threshold (default: the run's calibrated one)")
+    add_inference_options(p)
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("demo", help="generate a dataset, fit, test and predict in a few minutes")
     p.add_argument("--out", default="demo_results", help="results folder")

@@ -13,6 +13,9 @@ from typing import Any
 
 from adtr.errors import AdtrError
 
+#: Inference engines of ``Detector.load`` and ``adtr predict/serve --engine``.
+ENGINES = ("torch", "onnx", "compile")
+
 
 @dataclass(frozen=True)
 class ModelConfig:

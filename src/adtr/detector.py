@@ -19,14 +19,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from adtr import checkpoint as ckpt_io
-from adtr.config import RunConfig
+from adtr.config import ENGINES, RunConfig
 from adtr.data.images import image_to_tensor, read_image, to_rgb
-from adtr.engine import autocast, default_device, resolve_precision, restore_networks
+from adtr.engine import default_device, resolve_precision, restore_networks
 from adtr.errors import AdtrError
+from adtr.export import ScoringModel
 from adtr.models.adtr import ADTRDetector
-from adtr.postprocess import image_score, normalize_scores, pixel_anomaly_map
+from adtr.postprocess import normalize_scores
 
 if TYPE_CHECKING:
+    from adtr.compiled import CompiledScorer
     from adtr.export import OnnxScorer
 
 ImageInput = str | Path | Image.Image | np.ndarray
@@ -71,8 +73,9 @@ def array_to_pil(array: np.ndarray) -> Image.Image:
 class Detector:
     """A trained ADTR run ready for inference."""
 
-    #: Set by ``load(..., engine="onnx")``: scoring then runs the exported graph in onnxruntime.
-    onnx_scorer: OnnxScorer | None = None
+    #: Set by ``load(..., engine="onnx" | "compile")``: scoring then runs the exported graph
+    #: in onnxruntime, or the Inductor-compiled one.
+    scorer: OnnxScorer | CompiledScorer | None = None
 
     def __init__(self, config: RunConfig, network: ADTRDetector, calibration: dict[str, Any],
                  device: torch.device, precision: str = "fp32") -> None:
@@ -83,6 +86,8 @@ class Detector:
         self.precision = resolve_precision(precision, device)
         if self.precision not in ("fp32", "bf16"):
             raise AdtrError(f"unknown precision {precision!r} (use fp32, bf16 or auto)")
+        self.scoring = ScoringModel(self.network, config.model.image_size, config.score.sigma,
+                                    config.score.pool_size)
 
     @classmethod
     def load(cls, run: str | Path, device: str | torch.device | None = None, precision: str = "fp32",
@@ -93,12 +98,14 @@ class Detector:
         with) or ``bf16`` autocast (faster where the hardware has bf16 units; image scores
         within about 1% of fp32, so a score very close to the threshold may flip), or
         ``auto`` (bf16 where it is fast).
-        ``engine``: ``torch``, or ``onnx`` to score with onnxruntime and the graph that
+        ``engine``: ``torch``; ``onnx`` to score with onnxruntime and the graph that
         ``adtr export RUN --format onnx`` wrote to ``RUN/model.onnx`` (fp32 only; maps
-        within 1e-4 relative of torch). The threshold is still the run's own.
+        within 1e-4 relative of torch); or ``compile`` for ``torch.compile`` (see
+        :mod:`adtr.compiled`: fastest, after a compilation of about 30 s per batch size).
+        The threshold is still the run's own.
         """
-        if engine not in ("torch", "onnx"):
-            raise AdtrError(f"unknown engine {engine!r} (use torch or onnx)")
+        if engine not in ENGINES:
+            raise AdtrError(f"unknown engine {engine!r} (use {', '.join(ENGINES)})")
         if engine == "onnx" and precision != "fp32":
             raise AdtrError(f"the onnx engine runs the exported fp32 graph; precision {precision!r} needs engine torch")
         path = ckpt_io.find_run_file(Path(run))
@@ -109,7 +116,11 @@ class Detector:
         if engine == "onnx":
             from adtr.export import scorer_for_run
 
-            det.onnx_scorer = scorer_for_run(path, ckpt, device)
+            det.scorer = scorer_for_run(path, ckpt, device)
+        elif engine == "compile":
+            from adtr.compiled import CompiledScorer
+
+            det.scorer = CompiledScorer(det.scoring, det.precision, device)
         return det
 
     @property
@@ -145,13 +156,10 @@ class Detector:
     @torch.no_grad()
     def score_tensors(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) in [0, 1] -> maps (B, S, S) and scores (B,)."""
-        if self.onnx_scorer is not None:
-            return self.onnx_scorer.score_tensors(images)
-        with autocast(self.precision, self.device):
-            out = self.network(images.to(self.device))
-        size = (images.shape[-2], images.shape[-1])
-        pmap = pixel_anomaly_map(out.anomaly_map, size, self.config.score.sigma)
-        return pmap[:, 0].cpu(), image_score(pmap, self.config.score.pool_size).cpu()
+        if self.scorer is not None:
+            return self.scorer.score_tensors(images)
+        pmap, score = self.scoring(images.to(self.device), self.precision)
+        return pmap[:, 0].cpu(), score.cpu()
 
     def predict(self, images: ImageInput | Sequence[ImageInput], threshold: float | None = None,
                 batch_size: int = 16) -> Prediction | list[Prediction]:

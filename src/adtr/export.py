@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from adtr import checkpoint as ckpt_io
+from adtr.engine import autocast
 from adtr.errors import AdtrError, file_error
 from adtr.models.adtr import ADTRDetector
 from adtr.postprocess import image_score, pixel_anomaly_map
@@ -64,10 +65,15 @@ class ScoringModel(nn.Module):
         self.sigma = sigma
         self.pool_size = pool_size
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, 3, S, S) in [0, 1] -> anomaly map (B, 1, S, S), image score (B,)."""
-        grid_map = self.network(images).anomaly_map  # (B, 1, h, w)
-        pmap = pixel_anomaly_map(grid_map, (self.image_size, self.image_size), self.sigma)  # (B, 1, S, S)
+    def forward(self, images: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, S, S) in [0, 1] -> anomaly map (B, 1, S, S), image score (B,).
+
+        ``precision`` ``bf16`` runs the network under bf16 autocast; the map's upsampling,
+        smoothing and the score stay fp32 (a bf16 map would round to 3 significant digits).
+        """
+        with autocast(precision, images.device):
+            grid_map = self.network(images).anomaly_map  # (B, 1, h, w)
+        pmap = pixel_anomaly_map(grid_map.float(), (self.image_size, self.image_size), self.sigma)  # (B, 1, S, S)
         return pmap, image_score(pmap, self.pool_size)
 
 

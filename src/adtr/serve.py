@@ -295,17 +295,19 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 20.0,
-          threshold: float | None = None, device: str | None = None) -> None:
-    """Load ``run`` once and serve it with uvicorn until interrupted."""
+          threshold: float | None = None, device: str | None = None, precision: str = "fp32",
+          engine: str = "torch") -> None:
+    """Load ``run`` once (``precision`` and ``engine`` as in :meth:`Detector.load`) and
+    serve it with uvicorn until interrupted."""
     import uvicorn
 
     from adtr.detector import Detector
 
     if max_upload_mb <= 0:
         raise AdtrError(f"--max-upload-mb must be positive, got {max_upload_mb}")
-    detector = Detector.load(run, device=device)
+    detector = Detector.load(run, device=device, precision=precision, engine=engine)
     warm = np.zeros((detector.image_size, detector.image_size, 3), np.uint8)
-    detector.predict(warm)  # the first request should not pay for lazy initialisation
+    detector.predict(warm)  # the first request should not pay for lazy initialisation (or compilation)
     local = is_loopback(host)
     if not local:
         log.warning("serving on %s: anyone who can reach this address can use the model (no authentication)", host)
