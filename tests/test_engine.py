@@ -113,12 +113,41 @@ def test_budget_is_kept_when_the_machine_slows_down(tiny_category, tmp_path):
     assert (tmp_path / "r" / "model.pt").is_file()
 
 
+def test_budget_replans_when_later_epochs_are_slower(tiny_category, tmp_path, monkeypatch):
+    """A first epoch much faster than the rest (here: validation slows down from the second
+    epoch on): re-planning over the first epochs fits the whole schedule into the budget, so
+    training ends with the learning rate decayed instead of being cut short by the budget."""
+    import time
+
+    import adtr.engine
+
+    real_mean_loss, calls = adtr.engine.mean_loss, []
+
+    def slow_after_the_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            time.sleep(1.0)
+        return real_mean_loss(*args, **kwargs)
+
+    monkeypatch.setattr(adtr.engine, "mean_loss", slow_after_the_first)
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    cfg = tiny_config(epochs=1000, max_minutes=15 / 60)
+    result = fit(cfg, samples, tmp_path / "r")
+    assert 2 <= result.epochs < 15
+    # The cosine schedule ran to (within an epoch of) its end. Planned from the first epoch
+    # alone, it would be stopped by the budget at a third of its length, near its peak rate.
+    assert result.history[-1]["lr"] <= 0.3 * cfg.train.lr
+
+
 def test_replan_counts_the_whole_fit_against_the_budget():
     cfg = TrainConfig(epochs=1000, max_minutes=10)
     # 100 s already spent on features and the first epoch, 20 s per epoch, 10 s kept for calibration.
     assert replan_epochs(cfg, elapsed_seconds=100, epoch_seconds=20, reserve_seconds=10) == 1 + 490 // 20
     assert replan_epochs(cfg, elapsed_seconds=700, epoch_seconds=20, reserve_seconds=10) == 1  # over budget
     assert replan_epochs(TrainConfig(epochs=5, max_minutes=10), 10, 1, 0) == 5  # --epochs still caps it
+    # Re-planned after 3 epochs: those count as done.
+    assert replan_epochs(cfg, elapsed_seconds=160, epoch_seconds=20, reserve_seconds=10, done=3) == 3 + 430 // 20
+    assert replan_epochs(cfg, elapsed_seconds=900, epoch_seconds=20, reserve_seconds=10, done=3) == 3
 
 
 def test_best_validation_epoch_is_selected(tiny_category, tmp_path):

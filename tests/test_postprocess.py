@@ -31,6 +31,18 @@ def test_pixel_map_upsamples_to_image_size():
     assert 16 <= y < 32 and 32 <= x < 48
 
 
+@pytest.mark.parametrize("grid, size, sigma", [((16, 16), (256, 256), 4.0), ((7, 5), (56, 40), 1.5),
+                                              ((16, 16), (256, 256), 0.0), ((2, 3), (8, 12), 4.0)])
+def test_pixel_map_equals_upsampling_then_blurring(grid, size, sigma):
+    """The two matrix products are the full-resolution upsampling and blur, to float rounding."""
+    torch.manual_seed(0)
+    g = torch.rand(3, 1, *grid) * 50
+    ref = gaussian_blur(torch.nn.functional.interpolate(g, size=size, mode="bilinear", align_corners=False), sigma)
+    ours = pixel_anomaly_map(g, size, sigma)
+    assert ours.shape == ref.shape == (3, 1, *size)
+    assert float((ours - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+
+
 def test_image_score_is_max_of_average_pooled_map():
     m = torch.zeros(2, 1, 32, 32)
     m[0, 0, 5, 5] = 16.0  # one hot pixel: pooled over 4x4 -> 1.0

@@ -227,12 +227,21 @@ def estimate_epochs(model: ADTR, feats: torch.Tensor, cfg: TrainConfig, device: 
     return max(1, min(cfg.epochs, epochs))
 
 
-def replan_epochs(cfg: TrainConfig, elapsed_seconds: float, epoch_seconds: float, reserve_seconds: float) -> int:
-    """Epochs for a ``max_minutes`` budget once one whole epoch (training, validation and
-    checkpoint) has been timed: the step probe misses those overheads, so this is the
-    estimate that keeps the fit, features and calibration included, within the budget."""
+#: Epochs after each of which a ``max_minutes`` fit re-plans its epoch count (see :func:`replan_epochs`).
+REPLAN_EPOCHS = 5
+
+
+def replan_epochs(cfg: TrainConfig, elapsed_seconds: float, epoch_seconds: float, reserve_seconds: float,
+                  done: int = 1) -> int:
+    """Epochs for a ``max_minutes`` budget once ``done`` whole epochs (training, validation and
+    checkpoint) have been timed, ``epoch_seconds`` being their median: the step probe misses
+    those overheads, so this is the estimate that keeps the fit, features and calibration
+    included, within the budget. ``fit`` re-plans after each of the first
+    :data:`REPLAN_EPOCHS` epochs, while the learning-rate schedule is still warming up, so
+    that a first epoch faster than the rest does not plan a schedule that the budget then
+    cuts short before its learning rate has decayed."""
     left = cfg.max_minutes * 60 - elapsed_seconds - reserve_seconds
-    return max(1, min(cfg.epochs, 1 + int(left / max(epoch_seconds, 1e-9))))
+    return max(done, min(cfg.epochs, done + int(left / max(epoch_seconds, 1e-9))))
 
 
 PLUS_LOSSES = ("pixel", "image")
@@ -443,6 +452,7 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
              len(train_samples), len(val_samples))
 
     bar = tqdm(desc="fit+" if plus else "fit", unit="epoch", initial=start_epoch, total=epochs)
+    epoch_times: list[float] = []  # wall time of each epoch run by this call
     for epoch in itertools.count(start_epoch):  # ``epochs`` may be re-planned after the first
         if epoch >= epochs:
             break
@@ -493,11 +503,13 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
         # twice a validation pass for it.
         reserve = 2 * val_seconds if val_feats is not None else 0.0
         epoch_seconds = time.perf_counter() - te
-        if tc.max_minutes > 0 and epoch == 0:  # also when resumed from the epoch-0 checkpoint
-            replanned = replan_epochs(tc, time.perf_counter() - t0, epoch_seconds, reserve)
+        epoch_times.append(epoch_seconds)
+        if tc.max_minutes > 0 and start_epoch == 0 and epoch < REPLAN_EPOCHS:  # also resumed from epoch 0
+            replanned = replan_epochs(tc, time.perf_counter() - t0, float(np.median(epoch_times)), reserve,
+                                      done=epoch + 1)
             if replanned != epochs:
-                log.info("budget of %g min: %d epochs instead of %d, from the first epoch's time",
-                         tc.max_minutes, replanned, epochs)
+                log.info("budget of %g min: %d epochs instead of %d, from %d timed epochs",
+                         tc.max_minutes, replanned, epochs, epoch + 1)
                 epochs, total_steps = replanned, replanned * steps_per_epoch
                 warmup = int(tc.warmup_fraction * total_steps)
                 bar.total = epochs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -22,19 +23,42 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return maps
     k = gaussian_kernel1d(sigma).to(maps)
-    r = k.numel() // 2
-    # Reflect padding needs r < size; clamp so tiny inputs still work.
-    pad_h, pad_w = min(r, maps.shape[-2] - 1), min(r, maps.shape[-1] - 1)
-    x = F.pad(maps, (0, 0, pad_h, pad_h), mode="reflect") if pad_h else maps
-    x = F.conv2d(x, k[r - pad_h: r + pad_h + 1].view(1, 1, -1, 1))  # along H
-    x = F.pad(x, (pad_w, pad_w, 0, 0), mode="reflect") if pad_w else x
-    return F.conv2d(x, k[r - pad_w: r + pad_w + 1].view(1, 1, 1, -1))  # along W
+    return blur_along(blur_along(maps, k, -2), k, -1)
+
+
+def blur_along(maps: torch.Tensor, kernel: torch.Tensor, dim: int) -> torch.Tensor:
+    """1-D convolution of (B, 1, H, W) maps with an odd ``kernel`` along ``dim`` (-2: H, -1: W),
+    reflect padding; the kernel is truncated where the map is too small to reflect."""
+    r = kernel.numel() // 2
+    pad = min(r, maps.shape[dim] - 1)  # reflect padding needs pad < size
+    if pad:
+        maps = F.pad(maps, (0, 0, pad, pad) if dim == -2 else (pad, pad, 0, 0), mode="reflect")
+    k = kernel[r - pad: r + pad + 1]
+    return F.conv2d(maps, k.view(1, 1, -1, 1) if dim == -2 else k.view(1, 1, 1, -1))
+
+
+@functools.lru_cache(maxsize=16)
+def upsample_blur_matrix(n_in: int, n_out: int, sigma: float) -> torch.Tensor:
+    """(n_out, n_in): 1-D bilinear upsampling followed by :func:`gaussian_blur` along one axis.
+
+    Both operations are linear and separable, so applying this matrix along each axis of a
+    grid map gives exactly the upsampled, smoothed map: two small matrix products instead
+    of a full-resolution upsampling and two 33-tap convolutions (the same map to float
+    rounding, a few times faster; ``tests/test_postprocess.py`` compares the two).
+    """
+    basis = torch.eye(n_in).view(n_in, 1, n_in, 1)  # column images e_i of size (n_in, 1)
+    up = F.interpolate(basis, size=(n_out, 1), mode="bilinear", align_corners=False)  # (n_in, 1, n_out, 1)
+    if sigma > 0:
+        up = blur_along(up, gaussian_kernel1d(sigma), -2)
+    return up[:, 0, :, 0].T.contiguous()
 
 
 def pixel_anomaly_map(grid_map: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
     """Upsample (B, 1, h, w) grid errors bilinearly to ``size`` and smooth: (B, 1, H, W)."""
-    up = F.interpolate(grid_map.float(), size=size, mode="bilinear", align_corners=False)
-    return gaussian_blur(up, sigma)
+    grid_map = grid_map.float()
+    rows = upsample_blur_matrix(grid_map.shape[-2], size[0], float(sigma)).to(grid_map.device)  # (H, h)
+    cols = upsample_blur_matrix(grid_map.shape[-1], size[1], float(sigma)).to(grid_map.device)  # (W, w)
+    return rows @ grid_map @ cols.T
 
 
 def image_score(pixel_map: torch.Tensor, pool_size: int) -> torch.Tensor:
