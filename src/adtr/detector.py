@@ -87,7 +87,7 @@ class Detector:
         if self.precision not in ("fp32", "bf16"):
             raise AdtrError(f"unknown precision {precision!r} (use fp32, bf16 or auto)")
         self.scoring = ScoringModel(self.network, config.model.image_size, config.score.sigma,
-                                    config.score.pool_size)
+                                    config.score.pool_size).to(device)
 
     @classmethod
     def load(cls, run: str | Path, device: str | torch.device | None = None, precision: str = "fp32",

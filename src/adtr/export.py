@@ -34,7 +34,7 @@ from adtr import checkpoint as ckpt_io
 from adtr.engine import autocast
 from adtr.errors import AdtrError, file_error
 from adtr.models.adtr import ADTRDetector
-from adtr.postprocess import image_score, pixel_anomaly_map
+from adtr.postprocess import image_score, upsample_blur, upsample_blur_matrix
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ class ScoringModel(nn.Module):
         self.image_size = image_size
         self.sigma = sigma
         self.pool_size = pool_size
+        # The map's upsampling and smoothing as one (S, h) matrix per axis, made once here
+        # rather than traced into every compiled or exported graph.
+        grid = network.model.grid_size
+        self.register_buffer("upsample", upsample_blur_matrix(grid, image_size, float(sigma)), persistent=False)
 
     def forward(self, images: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, S, S) in [0, 1] -> anomaly map (B, 1, S, S), image score (B,).
@@ -73,7 +77,7 @@ class ScoringModel(nn.Module):
         """
         with autocast(precision, images.device):
             grid_map = self.network(images).anomaly_map  # (B, 1, h, w)
-        pmap = pixel_anomaly_map(grid_map.float(), (self.image_size, self.image_size), self.sigma)  # (B, 1, S, S)
+        pmap = upsample_blur(grid_map, self.upsample, self.upsample)  # (B, 1, S, S), fp32
         return pmap, image_score(pmap, self.pool_size)
 
 

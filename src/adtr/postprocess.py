@@ -55,10 +55,14 @@ def upsample_blur_matrix(n_in: int, n_out: int, sigma: float) -> torch.Tensor:
 
 def pixel_anomaly_map(grid_map: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
     """Upsample (B, 1, h, w) grid errors bilinearly to ``size`` and smooth: (B, 1, H, W)."""
-    grid_map = grid_map.float()
-    rows = upsample_blur_matrix(grid_map.shape[-2], size[0], float(sigma)).to(grid_map.device)  # (H, h)
-    cols = upsample_blur_matrix(grid_map.shape[-1], size[1], float(sigma)).to(grid_map.device)  # (W, w)
-    return rows @ grid_map @ cols.T
+    rows = upsample_blur_matrix(grid_map.shape[-2], size[0], float(sigma))  # (H, h)
+    cols = upsample_blur_matrix(grid_map.shape[-1], size[1], float(sigma))  # (W, w)
+    return upsample_blur(grid_map, rows, cols)
+
+
+def upsample_blur(grid_map: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(B, 1, h, w) -> (B, 1, H, W) with the :func:`upsample_blur_matrix` of each axis."""
+    return rows.to(grid_map.device) @ grid_map.float() @ cols.to(grid_map.device).T
 
 
 def image_score(pixel_map: torch.Tensor, pool_size: int) -> torch.Tensor:
