@@ -66,8 +66,8 @@ class ScoringModel(nn.Module):
         self.pool_size = pool_size
         # The map's upsampling and smoothing as one (S, h) matrix per axis, made once here
         # rather than traced into every compiled or exported graph.
-        grid = network.model.grid_size
-        self.register_buffer("upsample", upsample_blur_matrix(grid, image_size, float(sigma)), persistent=False)
+        matrix = upsample_blur_matrix(network.model.grid_size, image_size, float(sigma)).clone()  # (S, h)
+        self.register_buffer("upsample", matrix, persistent=False)
 
     def forward(self, images: torch.Tensor, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, S, S) in [0, 1] -> anomaly map (B, 1, S, S), image score (B,).
