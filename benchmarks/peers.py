@@ -562,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default). On a CPU shared with another job, 1 avoids "
                         "threads waiting on each other, which can make small batches take seconds")
-    p.add_argument("--out", type=Path, default=HERE / "results", help="where peers.json/.md go")
+    p.add_argument("--out", type=Path, default=HERE / "results", help="where NAME.json/.md go")
+    p.add_argument("--name", default="peers", help="output file stem (default peers)")
     p.add_argument("--single", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--row-json", type=Path, help=argparse.SUPPRESS)
@@ -589,9 +590,9 @@ def main(argv: list[str] | None = None) -> None:
                 rows.extend(new)
                 print(markdown(new), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "peers.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(rows, indent=2) + "\n")
     text = report(rows)
-    (args.out / "peers.md").write_text(text)
+    (args.out / f"{args.name}.md").write_text(text)
     print(text)
 
 

@@ -62,3 +62,21 @@ def test_plus_table_shows_the_change_against_adtr():
     row = {"category": "grid", "adtr": m, "adtr_plus": {**m, "pixel_auroc": 0.96}, "plus_fit_seconds": 1.0,
            "plus_pool_seconds": 0.5, "plus_epochs": 2, "plus_config": {}, "plus_train": {}, "commit": "abc"}
     assert "+0.0100" in plus.markdown([row])
+
+
+def test_stage_errors_rebuilds_the_runs_own_map_and_splits_it_by_stage(tiny_run, tiny_category):
+    """The 'all stages' map of benchmarks/stage_errors.py is the one `adtr test` scores."""
+    from adtr.data import index_mvtec
+    from adtr.detector import Detector
+    from adtr.evaluate import evaluate
+
+    stage_errors = load_script("stage_errors")
+    rows = stage_errors.analyse(tiny_category.parent, tiny_category.name, tiny_run)
+    maps = {r["map"]: r for r in rows}
+    reference = evaluate(Detector.load(tiny_run), index_mvtec(tiny_category.parent, tiny_category.name, "test"))
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert abs(maps["all stages (paper)"][key] - reference.metrics[key]) < 1e-6
+    assert {f"stage {s} alone" for s in range(5)} <= set(maps)
+    share = maps["held-out good: share of the squared error per stage"]["share"]
+    assert len(share) == 5 and abs(sum(share.values()) - 1) < 1e-6
+    assert "| fabric | stage 3 alone |" in stage_errors.markdown(rows, {"fabric": str(tiny_run)}, "abc")
