@@ -80,6 +80,7 @@ def run_category(root: Path, category: str, fit_args: list[str], out_json: Path)
         "category": category, "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"],
         "image_f1_max": m["image_f1_max"], "fpr_at_threshold": m["fpr_at_threshold"],
         "fnr_at_threshold": m["fnr_at_threshold"], "fit_seconds": round(fit_seconds, 1), "epochs": result.epochs,
+        "selected_epoch": result.selected_epoch,
         "ms_per_image_b1": round(b1["total"], 2), "ms_per_image_b32": round(b32["total"], 2),
         "ms_backbone_b1": round(b1["backbone"], 2), "ms_transformer_b1": round(b1["transformer"], 2),
         "ms_backbone_b32": round(b32["backbone"], 2), "ms_transformer_b32": round(b32["transformer"], 2),

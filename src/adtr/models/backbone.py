@@ -154,6 +154,10 @@ class FrozenBackbone(GridExtractor):
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
+        # Channels-last (NHWC) convolutions: oneDNN's fast layout on the CPU (backbone at
+        # 2 threads, ms/img: fp32 40 -> 35 at batch 1, 46 -> 31 at batch 32; bf16 34 -> 22,
+        # 38 -> 18), and the tensor-core layout on GPUs.
+        self.body.to(memory_format=torch.channels_last)
         self.eval()
 
     @torch.no_grad()
@@ -166,7 +170,7 @@ class FrozenBackbone(GridExtractor):
         Returns:
             (B, C, H / stride, W / stride), C = sum of the chosen stages' channels.
         """
-        x = (images - self.mean) / self.std
+        x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         size = (images.shape[-2] // self.grid_stride, images.shape[-1] // self.grid_stride)
         feats = []
         for f in self.body(x):  # list of (B, C_i, H / r_i, W / r_i)
@@ -177,7 +181,7 @@ class FrozenBackbone(GridExtractor):
                 else:
                     f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
             feats.append(f)
-        return torch.cat(feats, dim=1)  # (B, C, h, w)
+        return torch.cat(feats, dim=1).contiguous()  # (B, C, h, w), the transformer's layout
 
 
 class PixelPatches(GridExtractor):
