@@ -34,11 +34,12 @@ def run(root: Path, category: str, minutes: float, extra: list[str]) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| category | budget (min) | epochs | selected epoch | fit wall (s) | threads | image AUROC | pixel AUROC "
-             "| AUPRO |", "|---|---|---|---|---|---|---|---|---|"]
+             "| AUPRO | commit |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["category"], r["budget_minutes"])):
         selected = r.get("selected_epoch", "")  # absent in rows recorded before it was added
         lines.append(f"| {r['category']} | {r['budget_minutes']:g} | {r['epochs']} | {selected} | {r['fit_seconds']:.0f} | "
-                     f"{r['threads']} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} |")
+                     f"{r['threads']} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | "
+                     f"{r['commit'][:7]} |")
     # Target (issue 4): a 10-minute fit within 0.3 points of what 4x the budget reaches.
     check = ["| category | 10 min (image / pixel / AUPRO) | 40 min | largest shortfall (points) | within 0.3 |",
              "|---|---|---|---|---|"]

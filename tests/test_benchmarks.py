@@ -80,3 +80,18 @@ def test_stage_errors_rebuilds_the_runs_own_map_and_splits_it_by_stage(tiny_run,
     share = maps["held-out good: share of the squared error per stage"]["share"]
     assert len(share) == 5 and abs(sum(share.values()) - 1) < 1e-6
     assert "| fabric | stage 3 alone |" in stage_errors.markdown(rows, {"fabric": str(tiny_run)}, "abc")
+
+
+def test_minutes_table_checks_the_10_minute_fit_against_the_40_minute_one():
+    minutes = load_script("minutes")
+
+    def row(budget, image, pixel, aupro, selected=None):
+        r = {"category": "grid", "budget_minutes": budget, "epochs": 4 * budget, "fit_seconds": 60.0 * budget,
+             "threads": 2, "image_auroc": image, "pixel_auroc": pixel, "aupro": aupro, "commit": "0123456789abcdef"}
+        return {**r, "selected_epoch": selected} if selected else r
+
+    close = minutes.markdown([row(10, 0.970, 0.950, 0.880, selected=39), row(40, 0.972, 0.952, 0.882)])
+    assert "| grid | 10 | 40 | 39 | 600 | 2 | 0.970 | 0.950 | 0.880 | 0123456 |" in close
+    assert "| 0.2 | yes |" in close
+    far = minutes.markdown([row(10, 0.967, 0.949, 0.877), row(40, 0.977, 0.954, 0.888)])
+    assert "| 1.1 | no |" in far
