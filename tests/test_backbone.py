@@ -102,3 +102,19 @@ def test_pixel_patches_values():
     assert torch.allclose(out[1, 2 * 4 + 1 * 2 + 0, 1, 2], img[1, 2, 3, 4] * 2 - 1)
     assert torch.equal(PixelPatches(1)(torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1)).flatten(),
                        torch.tensor([-1.0, 0.0, 1.0]))
+
+
+def test_channels_last_backbone_matches_the_contiguous_reference():
+    """The NHWC fast path gives the features of the plain NCHW network, in NCHW layout."""
+    bb = FrozenBackbone("tf_efficientnet_lite0", weights="packaged")
+    assert bb.body.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    fast = bb(images)
+    bb.body.to(memory_format=torch.contiguous_format)
+    x = (images - bb.mean) / bb.std
+    with torch.no_grad():
+        reference = torch.cat([F.adaptive_avg_pool2d(f, (8, 8)) if f.shape[-1] > 8 else
+                               F.interpolate(f, size=(8, 8), mode="bilinear", align_corners=False)
+                               for f in bb.body(x.contiguous())], dim=1)
+    assert fast.is_contiguous()
+    assert torch.allclose(fast, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
