@@ -462,7 +462,7 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
 
     bar = tqdm(desc="fit+" if plus else "fit", unit="epoch", initial=start_epoch, total=epochs)
     epoch_times: list[float] = []  # wall time of each epoch run by this call
-    for epoch in itertools.count(start_epoch):  # ``epochs`` may be re-planned after the first
+    for epoch in itertools.count(start_epoch):  # ``epochs`` may be re-planned in the first REPLAN_EPOCHS
         if epoch >= epochs:
             break
         te = time.perf_counter()
