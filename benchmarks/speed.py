@@ -169,6 +169,8 @@ def main() -> None:
     parser.add_argument("--name", default="speed", help="output file stem (default speed)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--before", type=Path, help="an earlier speed.json to show beside this run")
+    parser.add_argument("--skip", nargs="+", default=[], choices=["compiled", "onnx"],
+                        help="leave out these rows (e.g. onnx where onnxruntime has no GPU provider)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -217,8 +219,10 @@ def main() -> None:
                 "ms_at_roofline": 1000 * (flops_backbone + flops_head) / 1e9 / roof[precision],
             }
 
-    compiled = compiled_latency(backbone, model, cfg, images, args.batches, cpu)
-    onnx = onnx_latency(backbone, model, cfg, images, args.batches, cpu)
+    compiled = {"skipped": "--skip compiled"} if "compiled" in args.skip else \
+        compiled_latency(backbone, model, cfg, images, args.batches, cpu)
+    onnx = {"skipped": "--skip onnx"} if "onnx" in args.skip else \
+        onnx_latency(backbone, model, cfg, images, args.batches, cpu)
     if "skipped" in onnx:
         print(f"onnxruntime rows skipped: {onnx['skipped']}")
 
