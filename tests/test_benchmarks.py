@@ -95,3 +95,16 @@ def test_minutes_table_checks_the_10_minute_fit_against_the_40_minute_one():
     assert "| 0.2 | yes |" in close
     far = minutes.markdown([row(10, 0.967, 0.949, 0.877), row(40, 0.977, 0.954, 0.888)])
     assert "| 1.1 | no |" in far
+
+
+def test_speed_table_on_a_tiny_run_leaves_out_skipped_rows(tiny_run, tmp_path):
+    """benchmarks/speed.py end to end (eager rows, training step); --skip leaves out and says so."""
+    subprocess.run([sys.executable, str(BENCH / "speed.py"), "--run", str(tiny_run), "--batches", "1", "2",
+                    "--threads", "1", "--skip", "compiled", "onnx", "--out", str(tmp_path)], check=True,
+                   capture_output=True, text=True, timeout=600)
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert set(result["latency"]) == {"fp32_b1", "fp32_b2", "bf16_b1", "bf16_b2"}
+    assert all(row["ms_total"] > 0 for row in result["latency"].values())
+    assert result["compiled"] == {"skipped": "--skip compiled"} and result["onnxruntime"] == {"skipped": "--skip onnx"}
+    table = (tmp_path / "speed.md").read_text()
+    assert "torch.compile: skipped (--skip compiled)" in table and "onnxruntime: skipped (--skip onnx)" in table

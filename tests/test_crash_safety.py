@@ -38,7 +38,7 @@ from adtr.errors import AdtrError
 
 EPOCHS, BATCH, SEED, N_TRAIN_IMAGES = 4, 4, 3, 12
 FIT_ARGS = ["--image-size", "64", "--weights", "none", "--epochs", str(EPOCHS), "--batch-size", str(BATCH),
-            "--seed", str(SEED), "--feature-cache", "disk"]
+            "--seed", str(SEED), "--feature-cache", "disk", "--checkpoint-every", "0"]
 # One thread and the CPU in every child: the same arithmetic in each process, and no GPU
 # kernel whose reductions may differ from run to run.
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}

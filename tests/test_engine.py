@@ -68,19 +68,47 @@ def interrupt_after_epoch_two(cfg, samples, run):
         fit(cfg, samples, run, on_epoch=stop_after_two)
 
 
-def test_resume_after_interruption_matches_uninterrupted(tiny_category, tmp_path):
+@pytest.mark.parametrize("checkpoint_seconds, saved_epoch", [(0.0, 1), (3600.0, 0)])
+def test_resume_after_interruption_matches_uninterrupted(tiny_category, tmp_path, checkpoint_seconds, saved_epoch):
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
-    cfg = tiny_config(epochs=4)
+    cfg = tiny_config(epochs=4, checkpoint_seconds=checkpoint_seconds)
     fit(cfg, samples, tmp_path / "full")
     interrupt_after_epoch_two(cfg, samples, tmp_path / "cut")
-    # on_epoch runs before the epoch's checkpoint: epoch 1 is saved, epoch 2 is lost (at most one).
-    assert ckpt_io.load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
+    # on_epoch runs before the epoch's checkpoint: with a checkpoint after every epoch, epoch 1
+    # is saved and epoch 2 is lost (at most one); with an hour between writes, only epoch 0 is.
+    assert ckpt_io.load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == saved_epoch
     with pytest.raises(AdtrError, match="did not finish"):
         ckpt_io.find_run_file(tmp_path / "cut")
     fit(cfg, samples, tmp_path / "cut", resume=True)
     a = ckpt_io.load_checkpoint(tmp_path / "full" / "model.pt")["model"]
     b = ckpt_io.load_checkpoint(tmp_path / "cut" / "model.pt")["model"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("checkpoint_seconds, epoch_sleep, saved", [
+    (0.0, 0.0, [0, 1, 2, 3, 4]),  # after every epoch
+    (3600.0, 0.0, [0, 4]),  # short epochs: the start and the final epoch only
+    (0.2, 0.25, [0, 1, 2, 3, 4]),  # epochs longer than the interval: every one
+])
+def test_checkpoint_interval(tiny_category, tmp_path, monkeypatch, checkpoint_seconds, epoch_sleep, saved):
+    """last.pt is written at the start, then after the first epoch that ends ``checkpoint_seconds``
+    after the previous write, and after the final epoch."""
+    import time
+
+    written = []
+    real_save = ckpt_io.atomic_save
+
+    def record(obj, path):
+        if path.name == ckpt_io.LAST_FILE:
+            written.append(obj["epoch"])
+        real_save(obj, path)
+
+    monkeypatch.setattr(ckpt_io, "atomic_save", record)
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    fit(tiny_config(epochs=4, checkpoint_seconds=checkpoint_seconds), samples, tmp_path / "r",
+        on_epoch=lambda record: time.sleep(epoch_sleep))
+    assert written == saved
+    assert not (tmp_path / "r" / ckpt_io.LAST_FILE).exists() and (tmp_path / "r" / ckpt_io.MODEL_FILE).exists()
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path, tiny_category):

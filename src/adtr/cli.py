@@ -108,7 +108,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                          weight_decay=args.weight_decay, schedule=args.schedule, step_at=args.step_at,
                          grad_clip=args.grad_clip, val_fraction=args.val_fraction, seed=args.seed,
                          precision=args.precision, max_minutes=args.max_minutes, feature_cache=args.feature_cache,
-                         select=args.select, patience=args.patience)
+                         select=args.select, patience=args.patience,
+                         checkpoint_seconds=args.checkpoint_every)
     cfg = with_overrides(cfg, "score", sigma=args.sigma, pool_size=args.pool_size, target_fpr=args.target_fpr)
     if plus:
         source, data, masks = "confetti", None, None
@@ -440,6 +441,9 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
                    help="keep the epoch with the lowest held-out loss (default) or the last one")
     g.add_argument("--patience", type=int, help="stop after N epochs without validation improvement (default 0: off)")
     g.add_argument("--feature-cache", choices=["auto", "memory", "disk"], help="where cached features live")
+    g.add_argument("--checkpoint-every", type=float, metavar="SECONDS",
+                   help="write the resumable last.pt after the first epoch that ends this long after the previous "
+                        "write (default 30; 0: after every epoch)")
     g = p.add_argument_group("ADTR+ (anomalies known; section 3.3)",
                              "fine-tune a trained ADTR run with the push-pull loss; training defaults become "
                              "20 epochs, lr 1e-4 x0.1 for the last third (--schedule step --step-at 0.667), "
