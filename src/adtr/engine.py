@@ -1,7 +1,8 @@
 """Training, scoring and evaluation as plain functions.
 
 ``fit`` trains ADTR on cached backbone features of good images (Eq. 1), writing a
-resumable checkpoint after every epoch and a calibrated ``model.pt`` at the end.
+resumable checkpoint every ``checkpoint_seconds`` (at an epoch's end) and a calibrated
+``model.pt`` at the end.
 """
 
 from __future__ import annotations
