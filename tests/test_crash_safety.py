@@ -7,8 +7,9 @@ marker file and then kills the child. The library itself has no test hooks.
 
 After every kill the run folder must hold only loadable checkpoints (a temporary file of
 a killed write is allowed, and the next resume removes it) and at most one epoch may be
-lost (the fits write last.pt after every epoch: ``--checkpoint-every 0``). The run, resumed to the end, must equal an uninterrupted one bit for bit: weights,
-calibration and training history. All children run on the CPU with OMP_NUM_THREADS=1, so
+lost (these fits write last.pt after every epoch: ``--checkpoint-every 0``). The run,
+resumed to the end, must equal an uninterrupted one bit for bit: weights, calibration and
+training history. All children run on the CPU with OMP_NUM_THREADS=1, so
 that the features and the training steps compute the same numbers in every process. Each
 child starts (and imports torch) while the previous one runs, which halves the wall time
 on two idle cores.

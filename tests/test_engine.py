@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import numpy as np
 import pytest
@@ -93,17 +94,15 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_category, tmp_path
 def test_checkpoint_interval(tiny_category, tmp_path, monkeypatch, checkpoint_seconds, epoch_sleep, saved):
     """last.pt is written at the start, then after the first epoch that ends ``checkpoint_seconds``
     after the previous write, and after the final epoch."""
-    import time
-
     written = []
     real_save = ckpt_io.atomic_save
 
-    def record(obj, path):
+    def spy(obj, path):
         if path.name == ckpt_io.LAST_FILE:
             written.append(obj["epoch"])
         real_save(obj, path)
 
-    monkeypatch.setattr(ckpt_io, "atomic_save", record)
+    monkeypatch.setattr(ckpt_io, "atomic_save", spy)
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
     fit(tiny_config(epochs=4, checkpoint_seconds=checkpoint_seconds), samples, tmp_path / "r",
         on_epoch=lambda record: time.sleep(epoch_sleep))
@@ -134,8 +133,6 @@ def test_time_budget_limits_epochs(tiny_category, tmp_path):
 def test_budget_is_kept_when_the_machine_slows_down(tiny_category, tmp_path):
     """Epochs planned for a fast machine, then each one takes 2 s longer (a stand-in for other
     work on the machine): the fit stops inside its 4 s budget and still writes a model."""
-    import time
-
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
     result = fit(tiny_config(epochs=50, max_minutes=4 / 60), samples, tmp_path / "r",
                  on_epoch=lambda record: time.sleep(2.0))
@@ -147,8 +144,6 @@ def test_budget_replans_when_later_epochs_are_slower(tiny_category, tmp_path, mo
     """A first epoch much faster than the rest (here: validation slows down from the second
     epoch on): re-planning over the first epochs fits the whole schedule into the budget, so
     training ends with the learning rate decayed instead of being cut short by the budget."""
-    import time
-
     import adtr.engine
 
     real_mean_loss, calls = adtr.engine.mean_loss, []

@@ -61,7 +61,7 @@ class TrainConfig:
     patience: int = 0  # stop after this many epochs without a better validation loss; 0 = never
     max_minutes: float = 0.0  # wall-clock budget for the epochs; 0 = none
     feature_cache: str = "auto"  # auto | memory | disk
-    checkpoint_seconds: float = 30.0  # write last.pt after an epoch once this long has passed since the last; 0 = every epoch
+    checkpoint_seconds: float = 30.0  # last.pt at the first epoch end this long after the previous; 0 = every epoch
 
 
 @dataclass(frozen=True)
