@@ -21,10 +21,12 @@ fit_s=$(python3 -c "import time; print(round(time.time() - $start, 1))")
 $PY -m adtr.cli test "$RUN" --data "$ROOT/bottle" --out "$RUN/test" 2>&1 | tee -a "$OUT/gpu_fit.log"
 $PY - "$RUN" "$OUT" "$fit_s" "$EPOCHS" <<'PYEOF'
 import json, sys
+from pathlib import Path
 import torch
+from adtr.checkpoint import load_checkpoint
 run, out, fit_s, epochs = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 metrics = json.load(open(f"{run}/test/metrics.json"))["metrics"]
-model = torch.load(f"{run}/model.pt", map_location="cpu", weights_only=False)
+model = load_checkpoint(Path(run) / "model.pt")
 row = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "epochs": epochs,
        "epochs_trained": len(model["history"]), "fit_wall_seconds": fit_s,
        "fit_seconds_features_and_training": model["fit_seconds"],

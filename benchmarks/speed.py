@@ -179,7 +179,7 @@ def main() -> None:
     from adtr.models.adtr import reconstruction_loss
     from adtr.postprocess import image_score, pixel_anomaly_map
 
-    from adtr.engine import default_device
+    from adtr.engine import default_device, make_optimizer
 
     cpu = default_device()  # the device everything below runs on: CUDA when present
     roof = {"fp32": matmul_gflops(torch.float32, cpu), "bf16": matmul_gflops(torch.bfloat16, cpu)}
@@ -234,7 +234,7 @@ def main() -> None:
     train = {}
     batch = feats32[: cfg.train.batch_size]
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    opt = make_optimizer(model, 1e-6, cfg.train.weight_decay, cpu)  # fit's optimiser (fused AdamW)
 
     def step(precision):
         with autocast(precision, cpu):
