@@ -6,7 +6,7 @@ subsets of its reconstruction error.
 ADTR's map (Eq. 2-3) is the L2 norm of f - f_hat over all channels of all stages, in the
 backbone's units, so the stages with the largest errors on normal images dominate it.
 This measures, on one trained run per category and without retraining, the map
-  * as the paper defines it (``all stages``);
+  * as the paper defines it (``all stages`` of the run);
   * from each stage's channels alone;
   * with every stage's squared error divided by its mean on the run's own held-out good
     images (``stages balanced on held-out good``), so each stage counts about equally on
@@ -74,7 +74,7 @@ def analyse(root: Path, category: str, run: Path) -> list[dict]:
     val_errors, _ = stage_sq_errors(detector, val, channels)
     val_mean = val_errors.mean(dim=(0, 2, 3))  # (stages,)
     stages = config.model.stages
-    variants = [("all stages (paper)", errors.sum(1))]
+    variants = [("all stages (Eq. 2-3)", errors.sum(1))]
     variants += [(f"stage {s} alone", errors[:, i]) for i, s in enumerate(stages)]
     variants.append(("stages balanced on held-out good", (errors / val_mean.view(1, -1, 1, 1)).sum(1)))
     rows = []

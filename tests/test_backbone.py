@@ -118,3 +118,21 @@ def test_channels_last_backbone_matches_the_contiguous_reference():
                                for f in bb.body(x.contiguous())], dim=1)
     assert fast.is_contiguous()
     assert torch.allclose(fast, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+
+
+def test_blocks_after_the_last_stage_are_dropped_without_changing_features():
+    import timm
+
+    bb = FrozenBackbone("tf_efficientnet_lite0", weights="packaged", stages=(1, 2, 3))
+    whole = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=(1, 2, 3))
+    assert len(bb.body.blocks) == 5 and len(whole.blocks) == 7  # stage 3 ends after blocks.4
+    missing = whole.load_state_dict(bb.body.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith(("blocks.5.", "blocks.6.")) for k in missing)
+    whole.eval().to(memory_format=torch.channels_last)  # the same layout, so the same kernels
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    images = images.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for ours, reference in zip(bb.body(images), whole(images)):
+            assert torch.equal(ours, reference)
+    assert len(FrozenBackbone("tf_efficientnet_lite0", weights="none").body.blocks) == 7  # stage 4 needs all
+    assert len(FrozenBackbone("tf_efficientnet_lite0", weights="none", stages=(0,)).body.blocks) == 1

@@ -165,3 +165,42 @@ def test_sincos_position_init_is_learned():
     assert torch.equal(m.pos_embed.detach(), sincos_position_embedding(4, 16)) and m.pos_embed.requires_grad
     with pytest.raises(ValueError):
         small(pos_init="fixed")
+
+
+def test_cells_per_token_embeds_blocks_of_cells():
+    """P x P cells share one token: 4x4 cells -> 2x2 tokens, the map stays on the 4x4 cell grid."""
+    m = small(cells_per_token=2).eval()
+    assert m.pos_embed.shape == (1, 4, 16) and m.query_embed.shape == (1, 4, 16)
+    assert m.input_proj.weight.shape == (16, 12, 2, 2) and m.output_proj.weight.shape == (12 * 4, 16, 1, 1)
+    f = torch.randn(2, 12, 4, 4)
+    out = m(f)
+    assert out.reconstruction.shape == f.shape and out.anomaly_map.shape == (2, 1, 4, 4)
+    expected = (f - out.reconstruction).pow(2).sum(1, keepdim=True).sqrt()
+    assert torch.allclose(out.anomaly_map, expected, atol=1e-5)
+    # Without attention, a change in one cell reaches exactly the cells of its own token's block.
+    local = small(cells_per_token=2, reconstructor="no-attention").eval()
+    g = f.clone()
+    g[:, :, 1, 2] += 5.0
+    changed = (local(f).reconstruction - local(g).reconstruction).abs().sum(1)[0] > 1e-5
+    assert changed.nonzero().tolist() == [[0, 2], [0, 3], [1, 2], [1, 3]]
+    reconstruction_loss(small(cells_per_token=2)(f)).backward()  # trains end to end
+
+
+def test_cells_per_token_one_is_the_paper_model():
+    a, b = small(), small(cells_per_token=1)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    b.load_state_dict(a.state_dict())
+    f = torch.randn(2, 12, 4, 4)
+    assert torch.equal(a.eval()(f).reconstruction, b.eval()(f).reconstruction)
+
+
+def test_cells_per_token_must_divide_the_grid():
+    from adtr.config import ModelConfig
+    from adtr.engine import build_model
+
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="cells_per_token"):
+            small(cells_per_token=bad)
+    with pytest.raises(AdtrError, match="cells_per_token"):
+        build_model(ModelConfig(grid_stride=16, cells_per_token=3), 12)
+    assert build_model(ModelConfig(grid_stride=8, cells_per_token=2), 12).pos_embed.shape[1] == 256

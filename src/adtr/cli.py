@@ -76,7 +76,8 @@ def write_json(obj, path: Path) -> None:
 
 
 MODEL_OPTIONS = ("backbone", "weights", "image_size", "grid_stride", "stages", "dropout", "error_space",
-                 "reconstructor", "target", "neighbour_mask", "jitter", "pos_init")
+                 "reconstructor", "target", "neighbour_mask", "jitter", "pos_init",
+                 "cells_per_token")
 
 def plus_base_config(args: argparse.Namespace) -> RunConfig:
     """ADTR+ starts from the init run's config; the model options are the init run's own."""
@@ -103,7 +104,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                              grid_stride=args.grid_stride, stages=tuple(args.stages) if args.stages else None,
                              dropout=args.dropout, error_space=args.error_space,
                              reconstructor=args.reconstructor, target=args.target,
-                             neighbour_mask=args.neighbour_mask, jitter=args.jitter, pos_init=args.pos_init)
+                             neighbour_mask=args.neighbour_mask, jitter=args.jitter, pos_init=args.pos_init,
+                             cells_per_token=args.cells_per_token)
     cfg = with_overrides(cfg, "train", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, schedule=args.schedule, step_at=args.step_at,
                          grad_clip=args.grad_clip, val_fraction=args.val_fraction, seed=args.seed,
@@ -407,7 +409,7 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", help="packaged (default, offline) | hub | none | path to a state-dict file")
     g.add_argument("--image-size", type=int, help="input side in pixels (default 256)")
     g.add_argument("--grid-stride", type=int, help="feature grid stride (default 16)")
-    g.add_argument("--stages", type=int, nargs="+", help="backbone stages to use (default 0 1 2 3 4)")
+    g.add_argument("--stages", type=int, nargs="+", help="backbone stages to use (default 1 2 3, strides 4-16; the paper's: 0 1 2 3 4)")
     g.add_argument("--dropout", type=float, help="transformer dropout (default 0)")
     g.add_argument("--error-space", choices=["features", "standardized"], help="where the error is measured")
     g.add_argument("--reconstructor", choices=["transformer", "no-attention", "no-query", "cnn"],
@@ -423,6 +425,9 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
                         "(default 0: off; UniAD uses 20)")
     g.add_argument("--pos-init", choices=["uniform", "sincos"],
                    help="initial value of the learned position embedding (default uniform, as DETR)")
+    g.add_argument("--cells-per-token", type=int, metavar="P",
+                   help="one token embeds P x P cells of the feature grid (default 1, as the paper); "
+                        "with --grid-stride 8, P=2 keeps 16 x 16 tokens and an 8 px map")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="epochs (default 60; paper: 500)")
     g.add_argument("--max-minutes", type=float, help="wall-clock budget; epochs are fitted to it (default none)")

@@ -23,7 +23,7 @@ class ModelConfig:
 
     backbone: str = "tf_efficientnet_lite0"  # paper: tf_efficientnet_b4 (hub weights)
     weights: str = "packaged"  # packaged | hub | none | path to a state-dict file
-    stages: tuple[int, ...] = (0, 1, 2, 3, 4)  # paper's layers 1-5
+    stages: tuple[int, ...] = (1, 2, 3)  # ours: strides 4-16, as PaDiM; paper: layers 1-5 = (0, 1, 2, 3, 4)
     grid_stride: int = 16  # 16x16 grid at 256x256 (section 4.2)
     image_size: int = 256
     dim: int = 256
@@ -40,6 +40,7 @@ class ModelConfig:
     neighbour_mask: int = 0  # ours, off: odd k hides each token's k x k neighbourhood in every attention (UniAD)
     jitter: float = 0.0  # ours, off: UniAD's feature-jitter scale in training (UniAD: 20)
     pos_init: str = "uniform"  # init of the learned position embedding: uniform (DETR) | sincos (2-D sine code)
+    cells_per_token: int = 1  # ours: a token embeds p x p grid cells (ViT patch); paper: 1
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,8 @@ def build_model(cfg: ModelConfig, in_channels: int) -> ADTR:
     try:
         return ADTR(in_channels, grid, cfg.dim, cfg.num_heads, cfg.num_encoder_layers,
                     cfg.num_decoder_layers, cfg.ffn_dim, cfg.dropout, cfg.error_space, cfg.reconstructor,
-                    cfg.neighbour_mask, cfg.jitter, cfg.pos_init)
-    except ValueError as exc:  # the model validates its own options (mask size, jitter, pos_init)
+                    cfg.neighbour_mask, cfg.jitter, cfg.pos_init, cfg.cells_per_token)
+    except ValueError as exc:  # the model validates its own options (mask size, jitter, pos_init, cells)
         raise AdtrError(f"model options: {exc}") from None
 
 
@@ -73,7 +73,8 @@ def restore_networks(ckpt: dict[str, Any], path: Path) -> tuple[RunConfig, Froze
     config = from_dict(ckpt["config"])
     backbone = build_backbone(config.model, weights="none")
     try:
-        backbone.body.load_state_dict(ckpt["backbone"])
+        own = backbone.body.state_dict().keys()  # runs saved before drop_unused_blocks hold blocks past the last stage
+        backbone.body.load_state_dict({k: v for k, v in ckpt["backbone"].items() if k in own})
         model = build_model(config.model, backbone.out_channels)
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:

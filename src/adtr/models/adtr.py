@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adtr.errors import AdtrError
@@ -60,6 +61,11 @@ class ADTR(nn.Module):
             projected tokens, so the network learns to denoise rather than to copy.
         pos_init: ``uniform`` (DETR's learned embedding) or ``sincos``: the learned
             embedding starts as a 2-D sine-cosine code, still trained.
+        cells_per_token: p, the side of the square of grid cells one token stands for
+            (1 in the paper). With p > 1 the input projection embeds each p x p block of
+            cells as one token and the output projection predicts the block back, as a
+            ViT patch embedding does: a finer grid (stride 8) keeps a 16 x 16 token grid
+            and the cost of attention, and the map keeps the finer grid's resolution.
 
     The buffers ``feature_mean`` and ``feature_std`` (per channel, set from the
     training features by :meth:`set_feature_stats`) standardise the transformer's
@@ -72,7 +78,8 @@ class ADTR(nn.Module):
     def __init__(self, in_channels: int, grid_size: int, dim: int = 256, num_heads: int = 8,
                  num_encoder_layers: int = 4, num_decoder_layers: int = 4, ffn_dim: int = 1024,
                  dropout: float = 0.1, error_space: str = "features", reconstructor: str = "transformer",
-                 neighbour_mask: int = 0, jitter: float = 0.0, pos_init: str = "uniform") -> None:
+                 neighbour_mask: int = 0, jitter: float = 0.0, pos_init: str = "uniform",
+                 cells_per_token: int = 1) -> None:
         super().__init__()
         if error_space not in ("features", "standardized"):
             raise ValueError(f"error_space must be 'features' or 'standardized', not {error_space!r}")
@@ -84,30 +91,36 @@ class ADTR(nn.Module):
             raise ValueError(f"jitter must be >= 0, not {jitter}")
         if neighbour_mask and reconstructor in ("cnn", "no-attention"):
             raise ValueError(f"neighbour_mask needs attention; the {reconstructor!r} reconstructor has none")
+        if cells_per_token < 1 or grid_size % cells_per_token:
+            raise ValueError(f"cells_per_token must be >= 1 and divide the {grid_size}x{grid_size} feature grid, "
+                             f"not {cells_per_token}")
         self.grid_size = grid_size
+        self.cells_per_token = cells_per_token
+        token_grid = grid_size // cells_per_token
         self.jitter = jitter
         self.error_space = error_space
         self.reconstructor = reconstructor
         self.register_buffer("feature_mean", torch.zeros(1, in_channels, 1, 1))
         self.register_buffer("feature_std", torch.ones(1, in_channels, 1, 1))
-        self.input_proj = nn.Conv2d(in_channels, dim, kernel_size=1)
-        self.output_proj = nn.Conv2d(dim, in_channels, kernel_size=1)
+        p = cells_per_token
+        self.input_proj = nn.Conv2d(in_channels, dim, kernel_size=p, stride=p)  # p x p cells -> one token
+        self.output_proj = nn.Conv2d(dim, in_channels * p * p, kernel_size=1)  # one token -> p x p cells
         if reconstructor == "cnn":
             self.cnn = ConvReconstructor(
                 dim, matching_conv_blocks(dim, ffn_dim, num_encoder_layers, num_decoder_layers))
         else:
-            num_tokens = grid_size * grid_size
+            num_tokens = token_grid * token_grid
             self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
             if pos_init == "sincos":
                 with torch.no_grad():
-                    self.pos_embed.copy_(sincos_position_embedding(grid_size, dim))
+                    self.pos_embed.copy_(sincos_position_embedding(token_grid, dim))
             else:
                 nn.init.uniform_(self.pos_embed)  # DETR's nn.Embedding-style tables, init as in its learned PE
             if reconstructor != "no-query":
                 self.query_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
                 nn.init.normal_(self.query_embed)
             # Not a buffer: derived from the config, so checkpoints keep their keys.
-            self.attn_mask = neighbourhood_mask(grid_size, neighbour_mask) if neighbour_mask else None
+            self.attn_mask = neighbourhood_mask(token_grid, neighbour_mask) if neighbour_mask else None
             self.transformer = ReconstructionTransformer(
                 dim, num_heads, num_encoder_layers, num_decoder_layers, ffn_dim, dropout,
                 attention=reconstructor != "no-attention")
@@ -133,19 +146,22 @@ class ADTR(nn.Module):
             raise AdtrError(
                 f"feature grid {h}x{w} does not match the model's {self.grid_size}x{self.grid_size}: "
                 f"use the image size the model was trained with")
-        x = self.input_proj((features - self.feature_mean) / self.feature_std)  # (B, D, h, w)
+        x = self.input_proj((features - self.feature_mean) / self.feature_std)  # (B, D, h/p, w/p)
         if self.training and self.jitter > 0:
             scale = torch.linalg.vector_norm(x, dim=1, keepdim=True) / x.shape[1]  # (B, 1, h, w)
             x = x + torch.randn_like(x) * scale * self.jitter
         if self.reconstructor == "cnn":
-            out = self.cnn(x)  # (B, D, h, w)
+            out = self.cnn(x)  # (B, D, h/p, w/p)
         else:
             tokens = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
             query = None if self.reconstructor == "no-query" else self.query_embed
             mask = None if self.attn_mask is None else self.attn_mask.to(tokens.device)
-            out = self.transformer(tokens, self.pos_embed, query, mask)  # (B, h*w, D)
-            out = out.transpose(1, 2).reshape(b, -1, h, w)  # (B, D, h, w)
-        recon = self.output_proj(out) * self.feature_std + self.feature_mean  # (B, C, h, w)
+            out = self.transformer(tokens, self.pos_embed, query, mask)  # (B, h*w/p^2, D)
+            out = out.transpose(1, 2).reshape(b, -1, *x.shape[-2:])  # (B, D, h/p, w/p)
+        out = self.output_proj(out)  # (B, C*p*p, h/p, w/p)
+        if self.cells_per_token > 1:
+            out = F.pixel_shuffle(out, self.cells_per_token)  # (B, C, h, w)
+        recon = out * self.feature_std + self.feature_mean  # (B, C, h, w)
         diff = (features - recon).float()
         if self.error_space == "standardized":
             diff = diff / self.feature_std

@@ -123,6 +123,19 @@ class GridExtractor(nn.Module):
         return image_size // self.grid_stride
 
 
+def drop_unused_blocks(body: nn.Module) -> None:
+    """Cut the blocks after the last chosen stage from a timm EfficientNet feature model.
+
+    Its ``forward`` runs every block whatever ``out_indices`` says (timm's generic
+    ``FeatureListNet`` already stops at the last one); blocks past the last stage cost
+    time and memory and are never read. Other models are left as they are.
+    """
+    stage_ends = getattr(body, "_stage_out_idx", None)  # {blocks run before the output: stage}
+    blocks = getattr(body, "blocks", None)
+    if isinstance(stage_ends, dict) and isinstance(blocks, nn.Sequential) and stage_ends:
+        body.blocks = blocks[:max(stage_ends)]
+
+
 class FrozenBackbone(GridExtractor):
     """Frozen timm CNN returning chosen stages resized to one grid and concatenated.
 
@@ -142,6 +155,7 @@ class FrozenBackbone(GridExtractor):
         if bad or not stages:
             raise AdtrError(f"stages {list(stages)} invalid for {name}: it has stages 0..{num_stages - 1}")
         self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=tuple(stages))
+        drop_unused_blocks(self.body)
         # Keys of a features_only model are a subset of the full model's keys.
         full_state = classifier.state_dict()
         self.body.load_state_dict({k: full_state[k] for k in self.body.state_dict()})
