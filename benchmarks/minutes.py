@@ -45,7 +45,8 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|"]
     for cat in sorted({r["category"] for r in rows}):
         by = {r["budget_minutes"]: r for r in rows if r["category"] == cat}
-        if 10 in by and 40 in by:
+        # Only fits of the same model compare (a default changed between them otherwise).
+        if 10 in by and 40 in by and by[10].get("config", {}).get("model") == by[40].get("config", {}).get("model"):
             keys = ("image_auroc", "pixel_auroc", "aupro")
             short = max(100 * (by[40][k] - by[10][k]) for k in keys)
             fmt = lambda r: " / ".join(f"{r[k]:.3f}" for k in keys)  # noqa: E731

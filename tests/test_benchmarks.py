@@ -76,9 +76,9 @@ def test_stage_errors_rebuilds_the_runs_own_map_and_splits_it_by_stage(tiny_run,
     reference = evaluate(Detector.load(tiny_run), index_mvtec(tiny_category.parent, tiny_category.name, "test"))
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert abs(maps["all stages (Eq. 2-3)"][key] - reference.metrics[key]) < 1e-6
-    assert {f"stage {s} alone" for s in (1, 2, 3)} <= set(maps)  # the default stages
+    assert {f"stage {s} alone" for s in range(5)} <= set(maps)
     share = maps["held-out good: share of the squared error per stage"]["share"]
-    assert len(share) == 3 and abs(sum(share.values()) - 1) < 1e-6
+    assert len(share) == 5 and abs(sum(share.values()) - 1) < 1e-6
     assert "| fabric | stage 3 alone |" in stage_errors.markdown(rows, {"fabric": str(tiny_run)}, "abc")
 
 
@@ -95,6 +95,11 @@ def test_minutes_table_checks_the_10_minute_fit_against_the_40_minute_one():
     assert "| 0.2 | yes |" in close
     far = minutes.markdown([row(10, 0.967, 0.949, 0.877), row(40, 0.977, 0.954, 0.888)])
     assert "| 1.1 | no |" in far
+    # A 40-minute fit of another model (a default changed in between) is no reference.
+    five, three = {"model": {"stages": [0, 1, 2, 3, 4]}}, {"model": {"stages": [1, 2, 3]}}
+    mixed = minutes.markdown([{**row(10, 0.970, 0.950, 0.880), "config": three},
+                              {**row(40, 0.972, 0.952, 0.882), "config": five}])
+    assert "| 0.2 | yes |" not in mixed
 
 
 def test_speed_table_on_a_tiny_run_leaves_out_skipped_rows(tiny_run, tmp_path):

@@ -332,3 +332,22 @@ def test_fused_adamw_takes_the_steps_of_the_reference_loop():
             opt.step()
     for a, b in zip(fused_net.parameters(), loop_net.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_runs_saved_with_the_blocks_past_the_last_stage_still_load(tiny_category, tmp_path):
+    """Checkpoints written before the backbone dropped its unused blocks hold their weights too."""
+    import timm
+
+    from adtr.engine import restore_networks
+
+    config = with_overrides(tiny_config(epochs=1), "model", stages=(1, 2, 3))
+    fit(config, index_mvtec(tiny_category.parent, tiny_category.name, "train"), tmp_path / "run")
+    ckpt = ckpt_io.load_checkpoint(tmp_path / "run" / "model.pt")
+    assert not any(k.startswith("blocks.6.") for k in ckpt["backbone"])  # stage 3 ends after blocks.4
+    whole = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True).state_dict()
+    old = {**whole, **ckpt["backbone"]}
+    _, backbone, _ = restore_networks({**ckpt, "backbone": old}, tmp_path / "run" / "model.pt")
+    assert all(torch.equal(v, ckpt["backbone"][k]) for k, v in backbone.body.state_dict().items())
+    missing = {k: v for k, v in ckpt["backbone"].items() if not k.startswith("blocks.4.")}
+    with pytest.raises(AdtrError, match="weights do not fit"):
+        restore_networks({**ckpt, "backbone": missing}, tmp_path / "run" / "model.pt")

@@ -23,7 +23,7 @@ class ModelConfig:
 
     backbone: str = "tf_efficientnet_lite0"  # paper: tf_efficientnet_b4 (hub weights)
     weights: str = "packaged"  # packaged | hub | none | path to a state-dict file
-    stages: tuple[int, ...] = (1, 2, 3)  # ours: strides 4-16, as PaDiM; paper: layers 1-5 = (0, 1, 2, 3, 4)
+    stages: tuple[int, ...] = (0, 1, 2, 3, 4)  # paper's layers 1-5 (1-3 localise better at 10 min, then memorise)
     grid_stride: int = 16  # 16x16 grid at 256x256 (section 4.2)
     image_size: int = 256
     dim: int = 256
