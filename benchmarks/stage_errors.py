@@ -6,7 +6,7 @@ subsets of its reconstruction error.
 ADTR's map (Eq. 2-3) is the L2 norm of f - f_hat over all channels of all stages, in the
 backbone's units, so the stages with the largest errors on normal images dominate it.
 This measures, on one trained run per category and without retraining, the map
-  * as the paper defines it (``all stages`` of the run);
+  * as the paper defines it, over all stages of the run (``all stages (Eq. 2-3)``);
   * from each stage's channels alone;
   * with every stage's squared error divided by its mean on the run's own held-out good
     images (``stages balanced on held-out good``), so each stage counts about equally on

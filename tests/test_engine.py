@@ -11,7 +11,8 @@ from adtr import checkpoint as ckpt_io
 from adtr.config import RunConfig, TrainConfig, plus_config, with_overrides
 from adtr.data import Sample, index_mvtec
 from adtr.detector import Detector
-from adtr.engine import autocast, batch_order, fit, lr_factor, replan_epochs, resolve_precision, split_train_val
+from adtr.engine import (autocast, batch_order, fit, lr_factor, replan_epochs, resolve_precision, restore_networks,
+                         split_train_val)
 from adtr.errors import AdtrError
 
 from conftest import tiny_config
@@ -337,8 +338,6 @@ def test_fused_adamw_takes_the_steps_of_the_reference_loop():
 def test_runs_saved_with_the_blocks_past_the_last_stage_still_load(tiny_category, tmp_path):
     """Checkpoints written before the backbone dropped its unused blocks hold their weights too."""
     import timm
-
-    from adtr.engine import restore_networks
 
     config = with_overrides(tiny_config(epochs=1), "model", stages=(1, 2, 3))
     fit(config, index_mvtec(tiny_category.parent, tiny_category.name, "train"), tmp_path / "run")

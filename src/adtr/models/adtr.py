@@ -148,12 +148,12 @@ class ADTR(nn.Module):
                 f"use the image size the model was trained with")
         x = self.input_proj((features - self.feature_mean) / self.feature_std)  # (B, D, h/p, w/p)
         if self.training and self.jitter > 0:
-            scale = torch.linalg.vector_norm(x, dim=1, keepdim=True) / x.shape[1]  # (B, 1, h, w)
+            scale = torch.linalg.vector_norm(x, dim=1, keepdim=True) / x.shape[1]  # (B, 1, h/p, w/p)
             x = x + torch.randn_like(x) * scale * self.jitter
         if self.reconstructor == "cnn":
             out = self.cnn(x)  # (B, D, h/p, w/p)
         else:
-            tokens = x.flatten(2).transpose(1, 2)  # (B, h*w, D)
+            tokens = x.flatten(2).transpose(1, 2)  # (B, h*w/p^2, D)
             query = None if self.reconstructor == "no-query" else self.query_embed
             mask = None if self.attn_mask is None else self.attn_mask.to(tokens.device)
             out = self.transformer(tokens, self.pos_embed, query, mask)  # (B, h*w/p^2, D)

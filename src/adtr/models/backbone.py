@@ -128,7 +128,9 @@ def drop_unused_blocks(body: nn.Module) -> None:
 
     Its ``forward`` runs every block whatever ``out_indices`` says (timm's generic
     ``FeatureListNet`` already stops at the last one); blocks past the last stage cost
-    time and memory and are never read. Other models are left as they are.
+    time and memory and are never read. Other models are left as they are. (timm's
+    ``feature_cls="getter"`` prunes too, but renames every key under ``model.``, which
+    would break the keys of saved runs and of the packaged-weight mapping.)
     """
     stage_ends = getattr(body, "_stage_out_idx", None)  # {blocks run before the output: stage}
     blocks = getattr(body, "blocks", None)
