@@ -64,6 +64,29 @@ def test_plus_table_shows_the_change_against_adtr():
     assert "+0.0100" in plus.markdown([row])
 
 
+def test_ablations_vary_the_papers_model_not_our_defaults(monkeypatch, tmp_path):
+    """Table 4 ablates the paper's five-stage model without jitter; a variant's own options win."""
+    import argparse
+
+    from adtr.cli import add_fit_options
+
+    ablations = load_script("ablations")
+    commands = []
+
+    def fake_run(cmd, check):
+        commands.append(cmd)
+        Path(cmd[cmd.index("--row-json") + 1]).write_text(json.dumps({"category": "bottle"}))
+
+    monkeypatch.setattr(ablations.subprocess, "run", fake_run)
+    parser = argparse.ArgumentParser()
+    add_fit_options(parser)
+    for variant, stages in (("full", [0, 1, 2, 3, 4]), ("last-stage", [4])):
+        ablations.run(tmp_path, "bottle", variant, 20, [])
+        fit_args = commands[-1][commands[-1].index("--row-json") + 2:]
+        args = parser.parse_args(fit_args)
+        assert args.stages == stages and args.jitter == 0 and args.epochs == 20
+
+
 def test_stage_errors_rebuilds_the_runs_own_map_and_splits_it_by_stage(tiny_run, tiny_category):
     """The 'all stages' map of benchmarks/stage_errors.py is the one `adtr test` scores."""
     from adtr.data import index_mvtec
@@ -76,9 +99,10 @@ def test_stage_errors_rebuilds_the_runs_own_map_and_splits_it_by_stage(tiny_run,
     reference = evaluate(Detector.load(tiny_run), index_mvtec(tiny_category.parent, tiny_category.name, "test"))
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert abs(maps["all stages (Eq. 2-3)"][key] - reference.metrics[key]) < 1e-6
-    assert {f"stage {s} alone" for s in range(5)} <= set(maps)
+    stages = Detector.load(tiny_run).config.model.stages  # the default stages
+    assert {f"stage {s} alone" for s in stages} <= set(maps)
     share = maps["held-out good: share of the squared error per stage"]["share"]
-    assert len(share) == 5 and abs(sum(share.values()) - 1) < 1e-6
+    assert len(share) == len(stages) and abs(sum(share.values()) - 1) < 1e-6
     assert "| fabric | stage 3 alone |" in stage_errors.markdown(rows, {"fabric": str(tiny_run)}, "abc")
 
 

@@ -21,6 +21,12 @@ def tiny_cifar(seed: int = 0) -> tuple[ImageArray, ImageArray]:
     return split(12), split(6)
 
 
+def test_one_class_protocol_keeps_the_papers_model():
+    """CIFAR-10 (Table 3) runs the paper's five stages without jitter, whatever the MVTec defaults are."""
+    model = one_class_config().model
+    assert model.stages == (0, 1, 2, 3, 4) and model.jitter == 0.0
+
+
 @pytest.mark.parametrize("layout", ["cifar10", "folders"])
 def test_one_class_protocol_on_both_layouts(tmp_path, layout):
     train, test = tiny_cifar()

@@ -409,7 +409,8 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", help="packaged (default, offline) | hub | none | path to a state-dict file")
     g.add_argument("--image-size", type=int, help="input side in pixels (default 256)")
     g.add_argument("--grid-stride", type=int, help="feature grid stride (default 16)")
-    g.add_argument("--stages", type=int, nargs="+", help="backbone stages to use (default 0 1 2 3 4, the paper's)")
+    g.add_argument("--stages", type=int, nargs="+",
+                   help="backbone stages to use (default 1 2 3, strides 4-16; the paper's: 0 1 2 3 4)")
     g.add_argument("--dropout", type=float, help="transformer dropout (default 0)")
     g.add_argument("--error-space", choices=["features", "standardized"], help="where the error is measured")
     g.add_argument("--reconstructor", choices=["transformer", "no-attention", "no-query", "cnn"],
@@ -422,7 +423,7 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
                    help="hide each token's K x K neighbourhood (odd K) in every attention, as UniAD does (default 0: off)")
     g.add_argument("--jitter", type=float,
                    help="UniAD feature jitter: training noise of std JITTER x ||token|| / 256 on the tokens "
-                        "(default 0: off; UniAD uses 20)")
+                        "(default 20, UniAD's; 0: off, the paper's)")
     g.add_argument("--pos-init", choices=["uniform", "sincos"],
                    help="initial value of the learned position embedding (default uniform, as DETR)")
     g.add_argument("--cells-per-token", type=int, metavar="P",

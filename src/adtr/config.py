@@ -23,7 +23,7 @@ class ModelConfig:
 
     backbone: str = "tf_efficientnet_lite0"  # paper: tf_efficientnet_b4 (hub weights)
     weights: str = "packaged"  # packaged | hub | none | path to a state-dict file
-    stages: tuple[int, ...] = (0, 1, 2, 3, 4)  # paper's layers 1-5 (1-3 localise better at 10 min, then memorise)
+    stages: tuple[int, ...] = (1, 2, 3)  # ours: strides 4-16 (PaDiM's); paper: layers 1-5 (0-4), which localise worse
     grid_stride: int = 16  # 16x16 grid at 256x256 (section 4.2)
     image_size: int = 256
     dim: int = 256
@@ -38,7 +38,7 @@ class ModelConfig:
     reconstructor: str = "transformer"
     target: str = "features"  # features (paper) | pixels (Table 4 ablation: reconstruct stride x stride patches)
     neighbour_mask: int = 0  # ours, off: odd k hides each token's k x k neighbourhood in every attention (UniAD)
-    jitter: float = 0.0  # ours, off: UniAD's feature-jitter scale in training (UniAD: 20)
+    jitter: float = 20.0  # ours (UniAD's value): training noise on the tokens, so stages 1-3 cannot learn to copy; paper: 0
     pos_init: str = "uniform"  # init of the learned position embedding: uniform (DETR) | sincos (2-D sine code)
     cells_per_token: int = 1  # ours: a token embeds p x p grid cells (ViT patch); paper: 1
 
