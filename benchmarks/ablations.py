@@ -17,13 +17,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from adtr.config import PAPER_MODEL
 from provenance import short_commit  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 
-#: The model Table 4 ablates: the paper's five stages, without our jitter (the MVTec defaults
-#: differ, see docs/training-notes.md). A variant's own options come after it and win.
-PAPER_MODEL = ["--stages", "0", "1", "2", "3", "4", "--jitter", "0"]
+#: The model Table 4 ablates: the paper's (adtr.config.PAPER_MODEL, where the MVTec defaults
+#: differ; see docs/training-notes.md) as fit options. A variant's own options come after it and win.
+PAPER_MODEL_ARGS = ["--stages", *map(str, PAPER_MODEL["stages"]), "--jitter", str(PAPER_MODEL["jitter"])]
 
 #: variant -> (fit options, the paper's mean MVTec pixel AUROC % for the same change, paper row).
 VARIANTS: dict[str, tuple[list[str], float | None, str]] = {
@@ -43,7 +44,7 @@ def run(root: Path, category: str, variant: str, epochs: int, extra: list[str]) 
     with tempfile.TemporaryDirectory() as tmp:
         row_json = Path(tmp) / "row.json"
         cmd = [sys.executable, str(HERE / "mvtec.py"), "--root", str(root), "--single", category,
-               "--row-json", str(row_json), "--epochs", str(epochs), *PAPER_MODEL, *options, *extra]
+               "--row-json", str(row_json), "--epochs", str(epochs), *PAPER_MODEL_ARGS, *options, *extra]
         subprocess.run(cmd, check=True)
         row = json.loads(row_json.read_text())
     row["variant"] = variant

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from adtr.config import RunConfig, plus_config, with_overrides
+from adtr.config import PAPER_MODEL, RunConfig, plus_config, with_overrides
 from adtr.data.dataset import ArrayDataset
 from adtr.detector import Detector
 from adtr.engine import fit
@@ -31,7 +31,7 @@ def one_class_config(**train: object) -> RunConfig:
     mean of the anomaly map (a pool as large as the image), the score the authors' later
     code uses for CIFAR; no smoothing at this size.
     """
-    cfg = with_overrides(RunConfig(), "model", image_size=32, grid_stride=4, stages=(0, 1, 2, 3, 4), jitter=0.0)
+    cfg = with_overrides(RunConfig(), "model", image_size=32, grid_stride=4, **PAPER_MODEL)
     cfg = with_overrides(cfg, "train", **{"batch_size": 128, **train})
     return with_overrides(cfg, "score", sigma=0.0, pool_size=32)
 
