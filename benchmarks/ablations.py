@@ -24,7 +24,8 @@ HERE = Path(__file__).resolve().parent
 
 #: The model Table 4 ablates: the paper's (adtr.config.PAPER_MODEL, where the MVTec defaults
 #: differ; see docs/training-notes.md) as fit options. A variant's own options come after it and win.
-PAPER_MODEL_ARGS = ["--stages", *map(str, PAPER_MODEL["stages"]), "--jitter", str(PAPER_MODEL["jitter"])]
+PAPER_MODEL_ARGS = [arg for name, value in PAPER_MODEL.items() for arg in
+                    (f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, tuple) else (value,)))]
 
 #: variant -> (fit options, the paper's mean MVTec pixel AUROC % for the same change, paper row).
 VARIANTS: dict[str, tuple[list[str], float | None, str]] = {

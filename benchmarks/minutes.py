@@ -32,27 +32,49 @@ def run(root: Path, category: str, minutes: float, extra: list[str]) -> dict:
     return row
 
 
+def model_options(row: dict) -> str:
+    """The row's model options that differ from today's defaults (``defaults`` when none do).
+    Options a row's config does not name did not exist when it ran and are left out."""
+    import dataclasses
+
+    from adtr.config import ModelConfig
+
+    def plain(value):
+        return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    today = dataclasses.asdict(ModelConfig())
+    used = row.get("config", {}).get("model", {})
+    changed = [f"{name}={plain(value)}" for name, value in used.items()
+               if name in today and plain(value) != plain(today[name])]
+    return ", ".join(changed) or "defaults"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| category | budget (min) | epochs | selected epoch | fit wall (s) | threads | image AUROC | pixel AUROC "
-             "| AUPRO | commit |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| AUPRO | commit | model options (vs today's defaults) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["category"], r["budget_minutes"])):
         selected = r.get("selected_epoch", "")  # absent in rows recorded before it was added
         lines.append(f"| {r['category']} | {r['budget_minutes']:g} | {r['epochs']} | {selected} | {r['fit_seconds']:.0f} | "
                      f"{r['threads']} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | "
-                     f"{r['commit'][:7]} |")
+                     f"{r['commit'][:7]} | {model_options(r)} |")
     # Target (issue 4): a 10-minute fit within 0.3 points of what 4x the budget reaches.
     check = ["| category | 10 min (image / pixel / AUPRO) | 40 min | largest shortfall (points) | within 0.3 |",
              "|---|---|---|---|---|"]
     for cat in sorted({r["category"] for r in rows}):
         by = {r["budget_minutes"]: r for r in rows if r["category"] == cat}
-        # Only fits of the same model compare (a default changed between them otherwise).
-        if 10 in by and 40 in by and by[10].get("config", {}).get("model") == by[40].get("config", {}).get("model"):
+        # Only fits of the same model on the same machine compare (a default changed between
+        # them otherwise, or the 10 minutes bought another number of epochs).
+        if (10 in by and 40 in by and by[10].get("config", {}).get("model") == by[40].get("config", {}).get("model")
+                and by[10].get("machine") == by[40].get("machine")):
             keys = ("image_auroc", "pixel_auroc", "aupro")
             short = max(100 * (by[40][k] - by[10][k]) for k in keys)
             fmt = lambda r: " / ".join(f"{r[k]:.3f}" for k in keys)  # noqa: E731
             check.append(f"| {cat} | {fmt(by[10])} | {fmt(by[40])} | {short:.1f} | {'yes' if short <= 0.3 else 'no'} |")
+    machines = sorted({r.get("machine", "not recorded") for r in rows})
     return ("# Quality per minute of training budget\n\n`adtr fit --max-minutes M` (the budget covers feature "
-            "caching, training and calibration), defaults otherwise, metrics on the test split.\n\n"
+            "caching, training and calibration), metrics on the test split; the last column names the "
+            "model options that differ from the defaults of the code that renders this table. "
+            f"Machine: {'; '.join(machines)}.\n\n"
             + "\n".join(lines) + "\n\n" + "\n".join(check) + "\n")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from provenance import git_commit, short_commit  # benchmarks/ is on sys.path when a script runs
+from provenance import git_commit, machine_description, short_commit  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 PAPER = "ADTR paper (EfficientNet-B4, 500 epochs): mean of 15 MVTec categories, image AUROC about 96, pixel AUROC 97.2"
@@ -87,7 +86,7 @@ def run_category(root: Path, category: str, fit_args: list[str], out_json: Path)
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "per_type": res.per_type, "config": to_dict(cfg),
         "commit": git_commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": machine_description(),
     }
     out_json.write_text(json.dumps(row, indent=2))
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import resource
 import subprocess
 import sys
@@ -46,7 +45,7 @@ import torch.nn.functional as F
 
 from adtr.postprocess import pixel_anomaly_map
 
-from provenance import git_commit, short_commit  # benchmarks/ is on sys.path when a script runs
+from provenance import git_commit, machine_description, short_commit  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 BACKBONE = "tf_efficientnet_lite0"
@@ -537,7 +536,7 @@ def run_single(args: argparse.Namespace) -> list[dict[str, Any]]:
     else:
         rows = run_patchcore(train, test, ratios=args.coreset, stages=args.patchcore_stages,
                              grid_stride=args.patchcore_stride, reweight=args.reweight, **common)
-    machine = f"{platform.machine()} {platform.processor() or ''}".strip()
+    machine = machine_description()
     extra = {"category": args.single, "commit": git_commit(), "torch": torch.__version__,
              "threads": torch.get_num_threads(), "machine": machine}
     return [{**extra, **r} for r in rows]

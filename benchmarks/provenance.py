@@ -25,3 +25,26 @@ def git_commit() -> str:
 def short_commit(commit: str) -> str:
     """12 hex digits, keeping the ``+uncommitted`` mark."""
     return commit[:12] + ("+uncommitted" if commit.endswith("+uncommitted") else "")
+
+
+def machine_description() -> str:
+    """The CPU that produced a row, e.g. ``AMD EPYC, AVX2, no fast bf16``: benchmark machines
+    differ between sessions (an AVX2 CPU has neither AMX nor bf16 dot products, which sets
+    both the roofline and what ``--precision auto`` picks), so every row says which it was."""
+    import platform
+
+    import torch
+
+    from adtr.engine import bf16_is_fast
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    isa = torch.backends.cpu.get_cpu_capability()
+    bf16 = "fast bf16" if bf16_is_fast(torch.device("cpu")) else "no fast bf16"
+    return f"{name}, {isa}, {bf16}"

@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import resource
 import time
 from pathlib import Path
 
 import torch
 
-from provenance import git_commit, short_commit  # benchmarks/ is on sys.path when a script runs
+from provenance import git_commit, machine_description, short_commit  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 
@@ -251,8 +250,7 @@ def main() -> None:
                             "roofline_fraction": step_flops / t / 1e9 / roof[precision]}
     model.eval()
 
-    machine = torch.cuda.get_device_name() if cpu.type == "cuda" else \
-        f"{platform.machine()} {platform.processor() or ''}".strip()
+    machine = torch.cuda.get_device_name() if cpu.type == "cuda" else machine_description()
     result = {
         "commit": git_commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "device": cpu.type, "machine": machine, "image_size": size,

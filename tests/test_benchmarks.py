@@ -85,6 +85,7 @@ def test_ablations_vary_the_papers_model_not_our_defaults(monkeypatch, tmp_path)
         fit_args = commands[-1][commands[-1].index("--row-json") + 2:]
         args = parser.parse_args(fit_args)
         assert args.stages == stages and args.jitter == 0 and args.epochs == 20
+        assert args.pos_init == "uniform" and args.cross_init == "independent"
 
 
 def test_stage_errors_rebuilds_the_runs_own_map_and_splits_it_by_stage(tiny_run, tiny_category):
@@ -115,7 +116,7 @@ def test_minutes_table_checks_the_10_minute_fit_against_the_40_minute_one():
         return {**r, "selected_epoch": selected} if selected else r
 
     close = minutes.markdown([row(10, 0.970, 0.950, 0.880, selected=39), row(40, 0.972, 0.952, 0.882)])
-    assert "| grid | 10 | 40 | 39 | 600 | 2 | 0.970 | 0.950 | 0.880 | 0123456 |" in close
+    assert "| grid | 10 | 40 | 39 | 600 | 2 | 0.970 | 0.950 | 0.880 | 0123456 | defaults |" in close
     assert "| 0.2 | yes |" in close
     far = minutes.markdown([row(10, 0.967, 0.949, 0.877), row(40, 0.977, 0.954, 0.888)])
     assert "| 1.1 | no |" in far
@@ -124,6 +125,11 @@ def test_minutes_table_checks_the_10_minute_fit_against_the_40_minute_one():
     mixed = minutes.markdown([{**row(10, 0.970, 0.950, 0.880), "config": three},
                               {**row(40, 0.972, 0.952, 0.882), "config": five}])
     assert "| 0.2 | yes |" not in mixed
+    assert "| 0123456 | stages=0 1 2 3 4 |" in mixed and "| 0123456 | defaults |" in mixed  # [1, 2, 3] is today's
+    # Nor is a 40-minute fit on another machine: the same minutes buy other numbers of epochs.
+    elsewhere = minutes.markdown([{**row(10, 0.970, 0.950, 0.880), "machine": "AMD EPYC, AVX2, no fast bf16"},
+                                  {**row(40, 0.972, 0.952, 0.882), "machine": "Intel Xeon, AVX512, fast bf16"}])
+    assert "| 0.2 | yes |" not in elsewhere and "Machine: AMD EPYC, AVX2, no fast bf16; Intel Xeon" in elsewhere
 
 
 def test_speed_table_on_a_tiny_run_leaves_out_skipped_rows(tiny_run, tmp_path):
@@ -137,3 +143,13 @@ def test_speed_table_on_a_tiny_run_leaves_out_skipped_rows(tiny_run, tmp_path):
     assert result["compiled"] == {"skipped": "--skip compiled"} and result["onnxruntime"] == {"skipped": "--skip onnx"}
     table = (tmp_path / "speed.md").read_text()
     assert "torch.compile: skipped (--skip compiled)" in table and "onnxruntime: skipped (--skip onnx)" in table
+
+
+def test_rows_name_the_cpu_its_vector_isa_and_whether_bf16_is_fast():
+    import torch
+
+    from adtr.engine import bf16_is_fast
+
+    text = load_script("provenance").machine_description()
+    assert torch.backends.cpu.get_cpu_capability() in text
+    assert text.endswith("no fast bf16") != bf16_is_fast(torch.device("cpu"))

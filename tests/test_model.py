@@ -153,7 +153,8 @@ def test_build_model_rejects_bad_mask_and_jitter():
     from adtr.engine import build_model
 
     for bad in ({"neighbour_mask": 4}, {"neighbour_mask": 17}, {"jitter": -1.0},
-                {"neighbour_mask": 3, "reconstructor": "no-attention"}):
+                {"neighbour_mask": 3, "reconstructor": "no-attention"}, {"pos_init": "fixed"},
+                {"cross_init": "tied"}):
         with pytest.raises(AdtrError):
             build_model(ModelConfig(**bad), 12)
 
@@ -165,6 +166,49 @@ def test_sincos_position_init_is_learned():
     assert torch.equal(m.pos_embed.detach(), sincos_position_embedding(4, 16)) and m.pos_embed.requires_grad
     with pytest.raises(ValueError):
         small(pos_init="fixed")
+
+
+def offdiagonal_cosine(codes: torch.Tensor) -> float:
+    """Mean cosine similarity between the (L, D) codes of different positions."""
+    unit = torch.nn.functional.normalize(codes, dim=-1)
+    sim = unit @ unit.T
+    return float(sim[~torch.eye(len(codes), dtype=torch.bool)].mean())
+
+
+def test_normal_position_codes_start_nearly_orthogonal_uniform_ones_alike():
+    """At the default sizes (256 positions x 256 channels): why ``pos_init='normal'``."""
+    torch.manual_seed(0)
+    uniform, normal = ADTR(12, 16, pos_init="uniform"), ADTR(12, 16, pos_init="normal")
+    assert offdiagonal_cosine(uniform.pos_embed[0].detach()) > 0.7
+    assert abs(offdiagonal_cosine(normal.pos_embed[0].detach())) < 0.02
+    assert normal.pos_embed.requires_grad and abs(float(normal.pos_embed.detach().std()) - 1) < 0.02
+
+
+def own_cell_share(model: ADTR) -> float:
+    """Share of (head, query position) pairs whose largest position-only cross-attention logit
+    in the first decoder layer is at the query's own position."""
+    attn = model.transformer.decoder[0].cross_attn
+    pos = model.pos_embed.detach()[0]  # (L, D)
+    nh = attn.num_heads
+    q = attn.q_proj(pos).view(len(pos), nh, -1).transpose(0, 1)  # (nh, L, hs)
+    k = attn.k_proj(pos).view(len(pos), nh, -1).transpose(0, 1)
+    best = (q @ k.transpose(1, 2)).argmax(-1)  # (nh, L)
+    return float((best == torch.arange(len(pos))).float().mean())
+
+
+@torch.no_grad()
+def test_aligned_cross_attention_starts_reading_each_tokens_own_cell():
+    torch.manual_seed(0)
+    aligned = ADTR(12, 16, pos_init="normal", cross_init="aligned")
+    attn = aligned.transformer.decoder[-1].cross_attn
+    assert torch.equal(attn.k_proj.weight, attn.q_proj.weight) and torch.equal(attn.k_proj.bias, attn.q_proj.bias)
+    assert attn.k_proj.weight is not attn.q_proj.weight  # equal at the start, trained independently
+    assert own_cell_share(aligned) > 0.95
+    torch.manual_seed(0)
+    assert own_cell_share(ADTR(12, 16, pos_init="normal", cross_init="independent")) < 0.05  # chance: 1/256
+    torch.manual_seed(0)  # uniform codes are too alike for a copied projection to tell positions apart
+    assert own_cell_share(ADTR(12, 16, pos_init="uniform", cross_init="aligned")) < 0.5
+    small(cross_init="aligned", reconstructor="no-attention")  # nothing to align: built as it is
 
 
 def test_cells_per_token_embeds_blocks_of_cells():

@@ -25,6 +25,7 @@ def test_one_class_protocol_keeps_the_papers_model():
     """CIFAR-10 (Table 3) runs the paper's five stages without jitter, whatever the MVTec defaults are."""
     model = one_class_config().model
     assert model.stages == (0, 1, 2, 3, 4) and model.jitter == 0.0
+    assert model.pos_init == "uniform" and model.cross_init == "independent"
 
 
 @pytest.mark.parametrize("layout", ["cifar10", "folders"])

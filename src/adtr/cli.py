@@ -77,7 +77,7 @@ def write_json(obj, path: Path) -> None:
 
 MODEL_OPTIONS = ("backbone", "weights", "image_size", "grid_stride", "stages", "dropout", "error_space",
                  "reconstructor", "target", "neighbour_mask", "jitter", "pos_init",
-                 "cells_per_token")
+                 "cross_init", "cells_per_token")
 
 def plus_base_config(args: argparse.Namespace) -> RunConfig:
     """ADTR+ starts from the init run's config; the model options are the init run's own."""
@@ -105,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                              dropout=args.dropout, error_space=args.error_space,
                              reconstructor=args.reconstructor, target=args.target,
                              neighbour_mask=args.neighbour_mask, jitter=args.jitter, pos_init=args.pos_init,
-                             cells_per_token=args.cells_per_token)
+                             cross_init=args.cross_init, cells_per_token=args.cells_per_token)
     cfg = with_overrides(cfg, "train", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, schedule=args.schedule, step_at=args.step_at,
                          grad_clip=args.grad_clip, val_fraction=args.val_fraction, seed=args.seed,
@@ -424,8 +424,12 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--jitter", type=float,
                    help="UniAD feature jitter: training noise of std JITTER x ||token|| / 256 on the tokens "
                         "(default 20, UniAD's; 0: off, the paper's)")
-    g.add_argument("--pos-init", choices=["uniform", "sincos"],
-                   help="initial value of the learned position embedding (default uniform, as DETR)")
+    g.add_argument("--pos-init", choices=["uniform", "sincos", "normal"],
+                   help="initial value of the learned position embedding: normal (default: N(0, 1), nearly "
+                        "orthogonal codes: off the initial plateau sooner, then faster to converge), uniform (DETR's) or sincos")
+    g.add_argument("--cross-init", choices=["independent", "aligned"],
+                   help="decoder cross-attention keys at init: independent (default, DETR's) or aligned "
+                        "(key projection = query projection, so each query starts reading its own cell)")
     g.add_argument("--cells-per-token", type=int, metavar="P",
                    help="one token embeds P x P cells of the feature grid (default 1, as the paper); "
                         "with --grid-stride 8, P=2 keeps 16 x 16 tokens and an 8 px map")

@@ -61,8 +61,8 @@ def build_model(cfg: ModelConfig, in_channels: int) -> ADTR:
     try:
         return ADTR(in_channels, grid, cfg.dim, cfg.num_heads, cfg.num_encoder_layers,
                     cfg.num_decoder_layers, cfg.ffn_dim, cfg.dropout, cfg.error_space, cfg.reconstructor,
-                    cfg.neighbour_mask, cfg.jitter, cfg.pos_init, cfg.cells_per_token)
-    except ValueError as exc:  # the model validates its own options (mask size, jitter, pos_init, cells)
+                    cfg.neighbour_mask, cfg.jitter, cfg.pos_init, cfg.cells_per_token, cfg.cross_init)
+    except ValueError as exc:  # the model validates its own options (mask size, jitter, inits, cells)
         raise AdtrError(f"model options: {exc}") from None
 
 

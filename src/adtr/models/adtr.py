@@ -20,6 +20,10 @@ from adtr.models.transformer import (ConvReconstructor, ReconstructionTransforme
 
 #: Reconstruction networks: the paper's model and its Table-4 ablations.
 RECONSTRUCTORS = ("transformer", "no-attention", "no-query", "cnn")
+#: Initial values of the learned position embedding (see :class:`ADTR`).
+POS_INITS = ("uniform", "sincos", "normal")
+#: Initial key projections of the decoder's cross-attention (see :class:`ADTR`).
+CROSS_INITS = ("independent", "aligned")
 
 
 class ADTROutput(NamedTuple):
@@ -59,8 +63,15 @@ class ADTR(nn.Module):
         jitter: 0 (paper) or UniAD's feature-jitter scale: in training, Gaussian noise
             with per-token standard deviation ``jitter * ||token|| / D`` is added to the
             projected tokens, so the network learns to denoise rather than to copy.
-        pos_init: ``uniform`` (DETR's learned embedding) or ``sincos``: the learned
-            embedding starts as a 2-D sine-cosine code, still trained.
+        pos_init: the learned position embedding's initial value: ``uniform`` on [0, 1]
+            (DETR's), ``sincos`` (a 2-D sine-cosine code) or ``normal`` (N(0, 1), as the
+            query embedding). Uniform codes share a mean of 0.5 in every channel, so any two
+            positions start with cosine similarity about 0.75, and sine codes of nearby
+            positions are nearly as alike; normal codes start nearly orthogonal.
+        cross_init: ``independent`` (DETR's: Xavier for every projection) or ``aligned``:
+            each decoder cross-attention's key projection starts as a copy of its query
+            projection, so a query first attends to the memory tokens whose position code
+            is most like its own, its own cell (both are trained freely afterwards).
         cells_per_token: p, the side of the square of grid cells one token stands for
             (1 in the paper). With p > 1 the input projection embeds each p x p block of
             cells as one token and the output projection predicts the block back, as a
@@ -79,14 +90,16 @@ class ADTR(nn.Module):
                  num_encoder_layers: int = 4, num_decoder_layers: int = 4, ffn_dim: int = 1024,
                  dropout: float = 0.1, error_space: str = "features", reconstructor: str = "transformer",
                  neighbour_mask: int = 0, jitter: float = 0.0, pos_init: str = "uniform",
-                 cells_per_token: int = 1) -> None:
+                 cells_per_token: int = 1, cross_init: str = "independent") -> None:
         super().__init__()
         if error_space not in ("features", "standardized"):
             raise ValueError(f"error_space must be 'features' or 'standardized', not {error_space!r}")
         if reconstructor not in RECONSTRUCTORS:
             raise ValueError(f"reconstructor must be one of {', '.join(RECONSTRUCTORS)}, not {reconstructor!r}")
-        if pos_init not in ("uniform", "sincos"):
-            raise ValueError(f"pos_init must be 'uniform' or 'sincos', not {pos_init!r}")
+        if pos_init not in POS_INITS:
+            raise ValueError(f"pos_init must be one of {', '.join(POS_INITS)}, not {pos_init!r}")
+        if cross_init not in CROSS_INITS:
+            raise ValueError(f"cross_init must be one of {', '.join(CROSS_INITS)}, not {cross_init!r}")
         if jitter < 0:
             raise ValueError(f"jitter must be >= 0, not {jitter}")
         if neighbour_mask and reconstructor in ("cnn", "no-attention"):
@@ -114,6 +127,8 @@ class ADTR(nn.Module):
             if pos_init == "sincos":
                 with torch.no_grad():
                     self.pos_embed.copy_(sincos_position_embedding(token_grid, dim))
+            elif pos_init == "normal":
+                nn.init.normal_(self.pos_embed)  # as the query embedding: nearly orthogonal codes
             else:
                 nn.init.uniform_(self.pos_embed)  # DETR's nn.Embedding-style tables, init as in its learned PE
             if reconstructor != "no-query":
@@ -124,6 +139,8 @@ class ADTR(nn.Module):
             self.transformer = ReconstructionTransformer(
                 dim, num_heads, num_encoder_layers, num_decoder_layers, ffn_dim, dropout,
                 attention=reconstructor != "no-attention")
+            if cross_init == "aligned":
+                self.transformer.align_cross_attention()
 
     @torch.no_grad()
     def set_feature_stats(self, features: torch.Tensor) -> None:

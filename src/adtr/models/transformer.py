@@ -184,6 +184,18 @@ class ReconstructionTransformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
+    @torch.no_grad()
+    def align_cross_attention(self) -> None:
+        """Start every decoder cross-attention with its key projection equal to its query
+        projection: the logits' position term is then (W p_i) . (W p_j), largest for j = i
+        when the position codes are nearly orthogonal, so the decoder reads its own cell
+        from the first step instead of learning where to look from uniform attention
+        (the long initial plateau of DETR-style training)."""
+        for layer in self.decoder:
+            if isinstance(layer.cross_attn, MultiHeadAttention):
+                layer.cross_attn.k_proj.weight.copy_(layer.cross_attn.q_proj.weight)
+                layer.cross_attn.k_proj.bias.copy_(layer.cross_attn.q_proj.bias)
+
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, query: torch.Tensor | None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruct tokens.
