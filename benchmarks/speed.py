@@ -59,9 +59,18 @@ def median_seconds(fn, repeats: int, warmup: int = 2, device: torch.device = tor
     return sorted(times)[len(times) // 2]
 
 
-def matmul_gflops(dtype: torch.dtype, device: torch.device, repeats: int = 10) -> float:
-    n = 2048 if device.type == "cpu" else 8192
-    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+def matmul_gflops(dtype: torch.dtype, device: torch.device, repeats: int = 10, enough_seconds: float = 0.25) -> float:
+    """GFLOP/s of a large square matmul: n doubles from 256 to 2048 (8192 on a GPU) and stops
+    once one product takes ``enough_seconds``. A CPU without bf16 hardware (AVX2 only) runs
+    bf16 at a few GFLOP/s, where a single 2048 product takes tens of seconds on one thread."""
+    top, n = (2048 if device.type == "cpu" else 8192), 256
+    while True:
+        a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+        one = median_seconds(lambda: a @ b, 1, warmup=1, device=device)
+        if n >= top or one >= enough_seconds:
+            break
+        n *= 2
+    repeats = max(3, min(repeats, int(2.0 / max(one, 1e-9))))
     return 2 * n**3 / median_seconds(lambda: a @ b, repeats, device=device) / 1e9
 
 
