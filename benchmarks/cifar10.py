@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from provenance import git_commit, short_commit  # benchmarks/ is on sys.path when a script runs
+from provenance import git_commit, machine_description, short_commit  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 
@@ -114,8 +114,6 @@ def main() -> None:
     if not args.no_plus and not (args.outliers or args.outlier_mvtec):
         parser.error("ADTR+ needs --outliers or --outlier-mvtec (or pass --no-plus)")
 
-    import platform
-
     import torch
 
     from adtr.data import load_cifar, one_class_split
@@ -133,7 +131,7 @@ def main() -> None:
     saved = json.loads(json_path.read_text()) if json_path.exists() else {"rows": []}
     meta = {"commit": git_commit(), "root": str(args.root), "epochs": args.epochs, "plus_epochs": args.plus_epochs,
             "batch_size": args.batch_size, "seed": args.seed, "backbone": config.model.backbone,
-            "outliers": outlier_note, "machine": f"{torch.get_num_threads()} CPU threads, {platform.machine()}",
+            "outliers": outlier_note, "machine": f"{torch.get_num_threads()} CPU threads, {machine_description()}",
             "data_note": ("These are JPEG re-encodings of CIFAR-10 (quality 75, 4:2:0); results on the original "
                           "pickles are close to, not identical with, these." if "jpeg" in str(args.root).lower()
                           else "")}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import select
 import socket
 import subprocess
@@ -235,6 +234,8 @@ def image_files(folder: Path, limit: int = 16) -> list[tuple[str, bytes]]:
 
 
 def main() -> None:
+    from provenance import machine_description  # benchmarks/ is on sys.path when the script runs
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a finished run folder")
     parser.add_argument("--images", type=Path, required=True, help="a folder of images to send")
@@ -259,7 +260,7 @@ def main() -> None:
         server.stop()
     meta = {"run": str(args.run), "images": str(args.images), "image_size": model["image_size"],
             "backbone": model["backbone"], "threads": args.threads or os.cpu_count(), "note": args.note,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+            "machine": f"{machine_description()}, {os.cpu_count()} cores"}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_load.json").write_text(json.dumps({"meta": meta, "load": load, "abuse": abuse_rows},
                                                          indent=2) + "\n")
