@@ -28,7 +28,7 @@ browser:
 	else echo "note: no chromium/chromedriver (Debian: apt-get install chromium chromium-driver); the browser test will skip"; fi
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=10
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/mvtec.py --root ../shared/data/mvtec_ad --categories bottle grid

@@ -8,14 +8,15 @@
    ``torch.utils.flop_counter``; a training step on cached features is counted as 3x its
    forward pass (backward = 2x forward).
 3. Latency: ms/image at batch 1 and 32 for backbone, transformer (+ map and score) and
-   total, in fp32 and with bf16 autocast, image already decoded; images/s; the fraction
+   total, in fp32 and with bf16 autocast (bf16 only where the hardware has fast bf16,
+   unless ``--precisions`` asks for it), image already decoded; images/s; the fraction
    of the roofline achieved (FLOPs / time / matmul throughput of that precision).
 4. Training: GFLOP/s of a step (forward, backward, AdamW) at the default batch size.
 5. Peak resident memory, and the agreement of bf16 with the fp32 reference.
 6. onnxruntime: ms/image at both batch sizes for the exported full model (one ONNX
    graph: backbone, transformer, map and score; ``adtr export``), same thread count.
 7. torch.compile (``--engine compile``): the same full model compiled by Inductor, in
-   fp32 and bf16, ms/image at both batch sizes, compile time, agreement with eager fp32.
+   the same precisions, ms/image at both batch sizes, compile time, agreement with eager fp32.
 
 ``--before results/speed_before.json`` adds that earlier result beside this one (the
 committed tables compare with the run before this project's optimisations).
@@ -138,9 +139,18 @@ def onnx_latency(backbone, model, cfg, images: torch.Tensor, batches, device: to
             "export_seconds": export_s, "file_mb": file_mb, "latency": latency, "max_relative_map_difference": diff}
 
 
-def compiled_latency(backbone, model, cfg, images: torch.Tensor, batches, device: torch.device) -> dict:
+def timed_precisions(requested: list[str], fast_bf16: bool) -> list[str]:
+    """The precisions to time: ``auto`` is fp32, plus bf16 where the hardware has fast bf16."""
+    chosen = set(requested) - {"auto"}
+    if "auto" in requested:
+        chosen |= {"fp32", "bf16"} if fast_bf16 else {"fp32"}
+    return [p for p in ("fp32", "bf16") if p in chosen]
+
+
+def compiled_latency(backbone, model, cfg, images: torch.Tensor, batches, device: torch.device,
+                     precisions=("fp32", "bf16")) -> dict:
     """ms/image of the full model (backbone, transformer, map, score) under torch.compile,
-    in fp32 and bf16, and its largest differences from eager fp32."""
+    in each of ``precisions``, and its largest differences from eager fp32."""
     from adtr.compiled import CompiledScorer
     from adtr.errors import AdtrError
     from adtr.export import ScoringModel
@@ -151,7 +161,7 @@ def compiled_latency(backbone, model, cfg, images: torch.Tensor, batches, device
     with torch.no_grad():
         ref_maps, ref_scores = scoring(images)
     result = {}
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         scorer = CompiledScorer(scoring, precision, device)
         row = {}
         for bs in batches:
@@ -179,6 +189,9 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="an earlier speed.json to show beside this run")
     parser.add_argument("--skip", nargs="+", default=[], choices=["compiled", "onnx"],
                         help="leave out these rows (e.g. onnx where onnxruntime has no GPU provider)")
+    parser.add_argument("--precisions", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16"],
+                        help="precisions timed (default auto: fp32, and bf16 where the hardware has fast bf16; "
+                             "without it bf16 runs at a few GFLOP/s and its rows would take many minutes)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -187,9 +200,11 @@ def main() -> None:
     from adtr.models.adtr import reconstruction_loss
     from adtr.postprocess import image_score, pixel_anomaly_map
 
-    from adtr.engine import default_device, make_optimizer
+    from adtr.engine import bf16_is_fast, default_device, make_optimizer
 
     cpu = default_device()  # the device everything below runs on: CUDA when present
+    fast_bf16 = bf16_is_fast(cpu)
+    precisions = timed_precisions(args.precisions, fast_bf16)
     roof = {"fp32": matmul_gflops(torch.float32, cpu), "bf16": matmul_gflops(torch.bfloat16, cpu)}
     backbone, model, cfg = build(args.run)
     backbone, model = backbone.to(cpu), model.to(cpu)
@@ -210,7 +225,7 @@ def main() -> None:
         flops_head = count_flops(lambda: head(feats32[:1], frozen))
 
     latency = {}
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         for bs in args.batches:
             x, f = images[:bs], feats32[:bs]
             reps = 20 if bs == 1 else 3
@@ -228,16 +243,18 @@ def main() -> None:
             }
 
     compiled = {"skipped": "--skip compiled"} if "compiled" in args.skip else \
-        compiled_latency(backbone, model, cfg, images, args.batches, cpu)
+        compiled_latency(backbone, model, cfg, images, args.batches, cpu, precisions)
     onnx = {"skipped": "--skip onnx"} if "onnx" in args.skip else \
         onnx_latency(backbone, model, cfg, images, args.batches, cpu)
     if "skipped" in onnx:
         print(f"onnxruntime rows skipped: {onnx['skipped']}")
 
-    with torch.no_grad():
-        ref = head(feats32[:8])
-        fast = head(feats32[:8], precision="bf16")
-    agreement = float(((fast - ref).abs() / ref.abs().clamp_min(1e-6)).max())
+    agreement = None
+    if "bf16" in precisions:
+        with torch.no_grad():
+            ref = head(feats32[:8])
+            fast = head(feats32[:8], precision="bf16")
+        agreement = float(((fast - ref).abs() / ref.abs().clamp_min(1e-6)).max())
 
     train = {}
     batch = feats32[: cfg.train.batch_size]
@@ -253,7 +270,7 @@ def main() -> None:
 
     with torch.no_grad():  # backward costs about twice the forward (the usual 3x rule for a training step)
         step_flops = 3 * count_flops(lambda: frozen(batch))
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         t = median_seconds(lambda: step(precision), 5, device=cpu)
         train[precision] = {"ms_per_step": 1000 * t, "gflops_per_s": step_flops / t / 1e9,
                             "roofline_fraction": step_flops / t / 1e9 / roof[precision]}
@@ -266,7 +283,8 @@ def main() -> None:
         "backbone": cfg.model.backbone, "roofline_gflops": roof,
         "gflops_per_image": {"backbone": flops_backbone / 1e9, "transformer_map_score": flops_head / 1e9},
         "train_step_gflops": step_flops / 1e9, "train_batch_size": cfg.train.batch_size,
-        "latency": latency, "compiled": compiled, "onnxruntime": onnx, "train": train, "bf16_max_relative_score_difference": agreement,
+        "fast_bf16": fast_bf16, "precisions": precisions, "latency": latency, "compiled": compiled,
+        "onnxruntime": onnx, "train": train, "bf16_max_relative_score_difference": agreement,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cpu.type == "cuda" else None,
     }
@@ -336,8 +354,14 @@ def markdown(r: dict, before: dict | None = None) -> str:
     for key, v in r["train"].items():
         lines.append(f"| {key} | {v['ms_per_step']:.0f} | {v['gflops_per_s']:.0f} | {v['roofline_fraction']:.2f}"
                      f"{earlier('train', key, 'ms_per_step', '.0f')}{earlier('train', key, 'gflops_per_s', '.0f')} |")
-    lines.append(f"\nbf16 vs fp32 image scores (eager): max relative difference "
-                 f"{r['bf16_max_relative_score_difference']:.2e}. Peak RSS {r['peak_rss_mb']:.0f} MB.")
+    agreement = r.get("bf16_max_relative_score_difference")
+    if agreement is None:
+        why = ("this hardware has no fast bf16, so `--precision auto` runs fp32 here"
+               if not r.get("fast_bf16", True) else "not asked for (`--precisions`)")
+        lines.append(f"\nbf16 not timed: {why}. Peak RSS {r['peak_rss_mb']:.0f} MB.")
+    else:
+        lines.append(f"\nbf16 vs fp32 image scores (eager): max relative difference "
+                     f"{agreement:.2e}. Peak RSS {r['peak_rss_mb']:.0f} MB.")
     return "\n".join(lines) + "\n"
 
 

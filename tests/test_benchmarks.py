@@ -126,6 +126,11 @@ def test_minutes_table_checks_the_10_minute_fit_against_the_40_minute_one():
                               {**row(40, 0.972, 0.952, 0.882), "config": five}])
     assert "| 0.2 | yes |" not in mixed
     assert "| 0123456 | stages=0 1 2 3 4 |" in mixed and "| 0123456 | defaults |" in mixed  # [1, 2, 3] is today's
+    # Nor one trained otherwise; the budget itself (epochs, max_minutes) is what rows differ in.
+    batch2 = {"train": {"batch_size": 2, "epochs": 100000, "max_minutes": 10.0}}
+    trained = minutes.markdown([{**row(10, 0.970, 0.950, 0.880), "config": batch2},
+                                {**row(40, 0.972, 0.952, 0.882), "config": {"train": {"epochs": 100000}}}])
+    assert "| 0.2 | yes |" not in trained and "| 0123456 | batch_size=2 |" in trained
     # Nor is a 40-minute fit on another machine: the same minutes buy other numbers of epochs.
     elsewhere = minutes.markdown([{**row(10, 0.970, 0.950, 0.880), "machine": "AMD EPYC, AVX2, no fast bf16"},
                                   {**row(40, 0.972, 0.952, 0.882), "machine": "Intel Xeon, AVX512, fast bf16"}])
@@ -135,14 +140,31 @@ def test_minutes_table_checks_the_10_minute_fit_against_the_40_minute_one():
 def test_speed_table_on_a_tiny_run_leaves_out_skipped_rows(tiny_run, tmp_path):
     """benchmarks/speed.py end to end (eager rows, training step); --skip leaves out and says so."""
     subprocess.run([sys.executable, str(BENCH / "speed.py"), "--run", str(tiny_run), "--batches", "1", "2",
-                    "--threads", "1", "--skip", "compiled", "onnx", "--out", str(tmp_path)], check=True,
-                   capture_output=True, text=True, timeout=600)
+                    "--threads", "1", "--skip", "compiled", "onnx", "--precisions", "fp32", "bf16",
+                    "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=600)
     result = json.loads((tmp_path / "speed.json").read_text())
     assert set(result["latency"]) == {"fp32_b1", "fp32_b2", "bf16_b1", "bf16_b2"}
     assert all(row["ms_total"] > 0 for row in result["latency"].values())
     assert result["compiled"] == {"skipped": "--skip compiled"} and result["onnxruntime"] == {"skipped": "--skip onnx"}
     table = (tmp_path / "speed.md").read_text()
     assert "torch.compile: skipped (--skip compiled)" in table and "onnxruntime: skipped (--skip onnx)" in table
+    assert "| bf16, batch 2 |" in table and "bf16 vs fp32 image scores" in table
+    # Where bf16 was not timed (no fast bf16 here), the table says why instead of showing its rows.
+    speed = load_script("speed")
+    fp32_only = {**result, "fast_bf16": False, "bf16_max_relative_score_difference": None,
+                 "latency": {k: v for k, v in result["latency"].items() if k.startswith("fp32")},
+                 "train": {"fp32": result["train"]["fp32"]}}
+    table = speed.markdown(fp32_only)
+    assert "bf16, batch" not in table and "| bf16 |" not in table
+    assert "bf16 not timed: this hardware has no fast bf16" in table
+
+
+def test_speed_times_bf16_by_default_only_where_it_is_fast():
+    speed = load_script("speed")
+    assert speed.timed_precisions(["auto"], fast_bf16=True) == ["fp32", "bf16"]
+    assert speed.timed_precisions(["auto"], fast_bf16=False) == ["fp32"]
+    assert speed.timed_precisions(["auto", "bf16"], fast_bf16=False) == ["fp32", "bf16"]
+    assert speed.timed_precisions(["fp32"], fast_bf16=True) == ["fp32"]
 
 
 def test_rows_name_the_cpu_its_vector_isa_and_whether_bf16_is_fast():
