@@ -23,7 +23,7 @@ from pathlib import Path
 
 from adtr import __version__
 from adtr.checkpoint import atomic_write_bytes
-from adtr.config import ENGINES, RunConfig, with_overrides
+from adtr.config import CROSS_INITS, ENGINES, POS_INITS, RECONSTRUCTORS, RunConfig, with_overrides
 from adtr.errors import AdtrError
 
 log = logging.getLogger("adtr")
@@ -413,7 +413,7 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
                    help="backbone stages to use (default 1 2 3, strides 4-16; the paper's: 0 1 2 3 4)")
     g.add_argument("--dropout", type=float, help="transformer dropout (default 0)")
     g.add_argument("--error-space", choices=["features", "standardized"], help="where the error is measured")
-    g.add_argument("--reconstructor", choices=["transformer", "no-attention", "no-query", "cnn"],
+    g.add_argument("--reconstructor", choices=RECONSTRUCTORS,
                    help="Table 4 ablations: the transformer (default), without attention (concatenation + "
                         "projection), without the auxiliary query (decoder fed the encoder output), or a "
                         "ResNet-style CNN of similar size")
@@ -424,10 +424,10 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--jitter", type=float,
                    help="UniAD feature jitter: training noise of std JITTER x ||token|| / 256 on the tokens "
                         "(default 20, UniAD's; 0: off, the paper's)")
-    g.add_argument("--pos-init", choices=["uniform", "sincos", "normal"],
+    g.add_argument("--pos-init", choices=POS_INITS,
                    help="initial value of the learned position embedding: normal (default: N(0, 1), nearly "
                         "orthogonal codes: off the initial plateau sooner, then faster to converge), uniform (DETR's) or sincos")
-    g.add_argument("--cross-init", choices=["independent", "aligned"],
+    g.add_argument("--cross-init", choices=CROSS_INITS,
                    help="decoder cross-attention keys at init: independent (default, DETR's) or aligned "
                         "(key projection = query projection, so each query starts reading its own cell)")
     g.add_argument("--cells-per-token", type=int, metavar="P",

@@ -15,6 +15,12 @@ from adtr.errors import AdtrError
 
 #: Inference engines of ``Detector.load`` and ``adtr predict/serve --engine``.
 ENGINES = ("torch", "onnx", "compile")
+#: Reconstruction networks (``ModelConfig.reconstructor``): the paper's model and its Table-4 ablations.
+RECONSTRUCTORS = ("transformer", "no-attention", "no-query", "cnn")
+#: Initial values of the learned position embedding (``ModelConfig.pos_init``; see ``adtr.models.adtr.ADTR``).
+POS_INITS = ("uniform", "sincos", "normal")
+#: Initial key projections of the decoder's cross-attention (``ModelConfig.cross_init``).
+CROSS_INITS = ("independent", "aligned")
 
 
 @dataclass(frozen=True)

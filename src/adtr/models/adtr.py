@@ -13,17 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adtr.config import CROSS_INITS, POS_INITS, RECONSTRUCTORS
 from adtr.errors import AdtrError
 from adtr.models.backbone import FrozenBackbone
 from adtr.models.transformer import (ConvReconstructor, ReconstructionTransformer, matching_conv_blocks,
                                      neighbourhood_mask, sincos_position_embedding)
-
-#: Reconstruction networks: the paper's model and its Table-4 ablations.
-RECONSTRUCTORS = ("transformer", "no-attention", "no-query", "cnn")
-#: Initial values of the learned position embedding (see :class:`ADTR`).
-POS_INITS = ("uniform", "sincos", "normal")
-#: Initial key projections of the decoder's cross-attention (see :class:`ADTR`).
-CROSS_INITS = ("independent", "aligned")
 
 
 class ADTROutput(NamedTuple):
