@@ -11,7 +11,8 @@
    total, in fp32 and with bf16 autocast (bf16 only where the hardware has fast bf16,
    unless ``--precisions`` asks for it), image already decoded; images/s; the fraction
    of the roofline achieved (FLOPs / time / matmul throughput of that precision).
-4. Training: GFLOP/s of a step (forward, backward, AdamW) at the default batch size.
+4. Training: GFLOP/s of a step (forward, backward, AdamW) at the default batch size,
+   eager and compiled (``fit --compile``; its compile time in speed.json).
 5. Peak resident memory, and the agreement of bf16 with the fp32 reference.
 6. onnxruntime: ms/image at both batch sizes for the exported full model (one ONNX
    graph: backbone, transformer, map and score; ``adtr export``), same thread count.
@@ -58,6 +59,21 @@ def median_seconds(fn, repeats: int, warmup: int = 2, device: torch.device = tor
         sync(device)
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
+
+
+def interleaved_median_seconds(fns: dict, repeats: int, warmup: int = 2,
+                               device: torch.device = torch.device("cpu")) -> dict:
+    """Median seconds of each of ``fns``, timed in turns (the order reversed every round), so
+    that a machine that slows down or speeds up meanwhile weighs on all of them alike."""
+    times = {name: [] for name in fns}
+    for r in range(warmup + repeats):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            t = time.perf_counter()
+            fns[name]()
+            sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
 
 
 def matmul_gflops(dtype: torch.dtype, device: torch.device, repeats: int = 10, enough_seconds: float = 0.25) -> float:
@@ -200,7 +216,7 @@ def main() -> None:
     from adtr.models.adtr import reconstruction_loss
     from adtr.postprocess import image_score, pixel_anomaly_map
 
-    from adtr.engine import bf16_is_fast, default_device, make_optimizer
+    from adtr.engine import TrainingForward, bf16_is_fast, default_device, make_optimizer
 
     cpu = default_device()  # the device everything below runs on: CUDA when present
     fast_bf16 = bf16_is_fast(cpu)
@@ -261,9 +277,9 @@ def main() -> None:
     model.train()
     opt = make_optimizer(model, 1e-6, cfg.train.weight_decay, cpu)  # fit's optimiser (fused AdamW)
 
-    def step(precision):
+    def step(precision, forward=model):
         with autocast(precision, cpu):
-            loss = reconstruction_loss(model(batch))
+            loss = reconstruction_loss(forward(batch))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -271,9 +287,21 @@ def main() -> None:
     with torch.no_grad():  # backward costs about twice the forward (the usual 3x rule for a training step)
         step_flops = 3 * count_flops(lambda: frozen(batch))
     for precision in precisions:
-        t = median_seconds(lambda: step(precision), 5, device=cpu)
-        train[precision] = {"ms_per_step": 1000 * t, "gflops_per_s": step_flops / t / 1e9,
-                            "roofline_fraction": step_flops / t / 1e9 / roof[precision]}
+        steps = {precision: lambda p=precision: step(p)}
+        compile_seconds = None
+        if "compiled" not in args.skip:
+            forward = TrainingForward(model, len(batch))  # fit --compile
+            compile_seconds = forward.prepare(batch, precision, cpu)
+            if forward.graph is None:
+                print(f"compiled {precision} training step skipped: torch.compile failed (see the warning above)")
+            else:
+                steps[f"{precision} compiled"] = lambda p=precision, f=forward: step(p, f)
+        # Eager and compiled steps in turns: this machine's speed drifts by more than their difference.
+        for key, t in interleaved_median_seconds(steps, 7, device=cpu).items():
+            train[key] = {"ms_per_step": 1000 * t, "gflops_per_s": step_flops / t / 1e9,
+                          "roofline_fraction": step_flops / t / 1e9 / roof[precision]}
+            if key.endswith("compiled"):
+                train[key]["compile_seconds"] = compile_seconds
     model.eval()
 
     machine = torch.cuda.get_device_name() if cpu.type == "cuda" else machine_description()
@@ -354,6 +382,10 @@ def markdown(r: dict, before: dict | None = None) -> str:
     for key, v in r["train"].items():
         lines.append(f"| {key} | {v['ms_per_step']:.0f} | {v['gflops_per_s']:.0f} | {v['roofline_fraction']:.2f}"
                      f"{earlier('train', key, 'ms_per_step', '.0f')}{earlier('train', key, 'gflops_per_s', '.0f')} |")
+    compiles = [f"{key}: {v['compile_seconds']:.0f} s" for key, v in r["train"].items() if "compile_seconds" in v]
+    if compiles:
+        lines.append(f"\nCompiled training steps (`fit --compile`) first paid a one-off compilation "
+                     f"({', '.join(compiles)}).")
     agreement = r.get("bf16_max_relative_score_difference")
     if agreement is None:
         why = ("this hardware has no fast bf16, so `--precision auto` runs fp32 here"

@@ -146,6 +146,7 @@ def test_speed_table_on_a_tiny_run_leaves_out_skipped_rows(tiny_run, tmp_path):
     assert set(result["latency"]) == {"fp32_b1", "fp32_b2", "bf16_b1", "bf16_b2"}
     assert all(row["ms_total"] > 0 for row in result["latency"].values())
     assert result["compiled"] == {"skipped": "--skip compiled"} and result["onnxruntime"] == {"skipped": "--skip onnx"}
+    assert set(result["train"]) == {"fp32", "bf16"}  # no compiled training rows either
     table = (tmp_path / "speed.md").read_text()
     assert "torch.compile: skipped (--skip compiled)" in table and "onnxruntime: skipped (--skip onnx)" in table
     assert "| bf16, batch 2 |" in table and "bf16 vs fp32 image scores" in table
@@ -153,10 +154,20 @@ def test_speed_table_on_a_tiny_run_leaves_out_skipped_rows(tiny_run, tmp_path):
     speed = load_script("speed")
     fp32_only = {**result, "fast_bf16": False, "bf16_max_relative_score_difference": None,
                  "latency": {k: v for k, v in result["latency"].items() if k.startswith("fp32")},
-                 "train": {"fp32": result["train"]["fp32"]}}
+                 "train": {"fp32": result["train"]["fp32"],
+                           "fp32 compiled": {**result["train"]["fp32"], "compile_seconds": 30.0}}}
     table = speed.markdown(fp32_only)
-    assert "bf16, batch" not in table and "| bf16 |" not in table
+    assert "bf16, batch" not in table and "| bf16 |" not in table and "| fp32 compiled |" in table
+    assert "one-off compilation (fp32 compiled: 30 s)" in table
     assert "bf16 not timed: this hardware has no fast bf16" in table
+
+
+def test_interleaved_timing_takes_turns_in_both_orders():
+    speed = load_script("speed")
+    calls = []
+    medians = speed.interleaved_median_seconds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                               repeats=2, warmup=1)
+    assert calls == ["a", "b", "b", "a", "a", "b"] and set(medians) == {"a", "b"}
 
 
 def test_speed_times_bf16_by_default_only_where_it_is_fast():

@@ -183,8 +183,16 @@ def test_fit_help_lists_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--plus", "--init", "--defects", "--defect-masks", "--outliers", "--alpha", "--topk",
                    "--anomaly-prob", "--variants", "--refresh-every", "--reconstructor", "--target", "--stages",
-                   "--step-at", "--backbone"):
+                   "--step-at", "--backbone", "--compile"):
         assert option in text, option
+
+
+def test_compile_flag_reaches_the_training_config():
+    from adtr.cli import build_parser, config_from_args
+
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["fit", "good", "--out", "r", "--compile"])).train.compile
+    assert not config_from_args(parser.parse_args(["fit", "good", "--out", "r"])).train.compile
 
 
 def test_plus_from_the_cli(tiny_run, tiny_category, tmp_path, capsys):

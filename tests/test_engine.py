@@ -350,3 +350,59 @@ def test_runs_saved_with_the_blocks_past_the_last_stage_still_load(tiny_category
     missing = {k: v for k, v in ckpt["backbone"].items() if not k.startswith("blocks.4.")}
     with pytest.raises(AdtrError, match="weights do not fit"):
         restore_networks({**ckpt, "backbone": missing}, tmp_path / "run" / "model.pt")
+
+
+def test_compiled_training_takes_the_eager_steps(tiny_category, tmp_path, caplog):
+    """``--compile``: the same losses and weights as eager training, within float tolerance
+    (jitter off: Inductor draws its own random numbers); the ragged last batch runs eagerly."""
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    no_jitter = with_overrides(tiny_config(epochs=2), "model", jitter=0.0)
+    eager = fit(no_jitter, samples, tmp_path / "eager")
+    with caplog.at_level("INFO", logger="adtr.engine"):
+        compiled = fit(with_overrides(no_jitter, "train", compile=True), samples, tmp_path / "compiled")
+    assert "compiled the training step" in caplog.text and "torch.compile failed" not in caplog.text
+    for a, b in zip(eager.history, compiled.history):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
+    a = ckpt_io.load_checkpoint(tmp_path / "eager" / "model.pt")["model"]
+    b = ckpt_io.load_checkpoint(tmp_path / "compiled" / "model.pt")["model"]
+    # Every weight within 0.1% of eager, except the key biases: a key bias adds the same logit to
+    # every key of a query, so its true gradient is zero and Adam turns float noise into lr-sized steps.
+    for k in a:
+        if a[k].is_floating_point() and not k.endswith("k_proj.bias"):
+            assert float((a[k] - b[k]).norm()) <= 1e-3 * float(a[k].norm()) + 1e-6, k
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the compiled kernels really ran
+
+
+def test_training_forward_runs_the_graph_on_full_batches_only():
+    from adtr.engine import TrainingForward
+
+    calls = []
+    forward = TrainingForward(lambda x: ("eager", len(x)), batch_size=4)
+    forward.graph = lambda x: calls.append(len(x)) or ("graph", len(x))
+    assert forward(torch.zeros(4, 1)) == ("graph", 4)
+    assert forward(torch.zeros(3, 1)) == ("eager", 3)
+    assert calls == [4]
+
+
+def test_failed_compilation_trains_eagerly_with_the_same_random_numbers(tiny_category, tmp_path, monkeypatch,
+                                                                          caplog):
+    """No C++ compiler (or Triton): a warning, then the eager fit bit for bit, although the failed
+    attempt drew random numbers (the random state is restored: jitter and resume stay exact)."""
+    import adtr.engine
+
+    def broken_compile(model, **kwargs):
+        def graph(x):
+            torch.randn(100)
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\ndetails")
+        return graph
+
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    fit(tiny_config(epochs=2), samples, tmp_path / "eager")
+    monkeypatch.setattr(adtr.engine.torch, "compile", broken_compile)
+    with caplog.at_level("WARNING", logger="adtr.engine"):
+        fit(tiny_config(epochs=2, compile=True), samples, tmp_path / "fallback")
+    assert "torch.compile failed (RuntimeError: InvalidCxxCompiler: No working C++ compiler found)" in caplog.text
+    a = ckpt_io.load_checkpoint(tmp_path / "eager" / "model.pt")["model"]
+    b = ckpt_io.load_checkpoint(tmp_path / "fallback" / "model.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

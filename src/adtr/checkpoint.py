@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from adtr.errors import AdtrError, file_error
+from adtr.errors import AdtrError, file_error, first_line
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.pt"
@@ -75,7 +75,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means an unusable file
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc)
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             msg = "refused: the file contains pickled objects other than tensors (possible code)"
         raise file_error(path, f"cannot load checkpoint: {msg}") from exc

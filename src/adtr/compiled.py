@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch._inductor import config as inductor_config
 
-from adtr.errors import AdtrError
+from adtr.errors import AdtrError, first_line
 from adtr.export import ScoringModel
 
 
@@ -61,8 +61,7 @@ class CompiledScorer:
         except Exception as exc:  # noqa: BLE001 - a compiler failure is an environment problem, said in one line
             if size in self.batch_sizes:
                 raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise AdtrError(f"torch.compile failed ({type(exc).__name__}: {first}); it needs a C++ compiler on "
+            raise AdtrError(f"torch.compile failed ({type(exc).__name__}: {first_line(exc)}); it needs a C++ compiler on "
                             f"the CPU and Triton on a GPU: use --engine torch") from exc
         self.batch_sizes.add(size)
         return maps[:n, 0].float().cpu(), scores[:n].float().cpu()

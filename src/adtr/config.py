@@ -70,6 +70,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # wall-clock budget for the epochs; 0 = none
     feature_cache: str = "auto"  # auto | memory | disk
     checkpoint_seconds: float = 30.0  # last.pt at the first epoch end this long after the previous; 0 = every epoch
+    compile: bool = False  # ours: torch.compile the training forward and backward (a one-off compilation first)
 
 
 @dataclass(frozen=True)

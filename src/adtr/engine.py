@@ -29,7 +29,7 @@ from adtr import checkpoint as ckpt_io
 from adtr.anomalies import AnomalyPool, confetti_pool, decode_images, labelled_pool, mix_anomalies
 from adtr.config import ModelConfig, PlusConfig, RunConfig, ScoreConfig, TrainConfig, from_dict, to_dict
 from adtr.data.dataset import ImageSource
-from adtr.errors import AdtrError
+from adtr.errors import AdtrError, first_line
 from adtr.features import extract_features
 from adtr.losses import image_push_pull_loss, pixel_push_pull_loss, pseudo_huber_map
 from adtr.models.adtr import ADTR, RECONSTRUCTORS, ADTROutput, reconstruction_loss
@@ -78,8 +78,8 @@ def restore_networks(ckpt: dict[str, Any], path: Path) -> tuple[RunConfig, Froze
         model = build_model(config.model, backbone.out_channels)
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise AdtrError(f"{path}: weights do not fit the {config.model.backbone} model it names ({first})") from exc
+        raise AdtrError(f"{path}: weights do not fit the {config.model.backbone} model it names "
+                        f"({first_line(exc)})") from exc
     return config, backbone, model
 
 
@@ -236,6 +236,51 @@ def estimate_epochs(model: ADTR, feats: torch.Tensor, cfg: TrainConfig, device: 
     steps_per_epoch = len(batch_order(len(feats), cfg.batch_size, 0, 0))
     epochs = int((cfg.max_minutes * 60 - spent_seconds) / (step_s * steps_per_epoch * 1.05))
     return max(1, min(cfg.epochs, epochs))
+
+
+class TrainingForward:
+    """The model's forward pass in training, compiled by ``torch.compile`` with ``--compile``.
+
+    Only full batches run the compiled graph (one static-shape compilation); a smaller last
+    batch runs eagerly instead of compiling a second graph. Both paths share the model's
+    parameters, so checkpoints, validation and selection see one model. :meth:`prepare`
+    compiles before training starts, where a failure (no C++ compiler on the CPU, no Triton
+    on a GPU) leaves eager training and a warning rather than a lost fit.
+    """
+
+    def __init__(self, model: ADTR, batch_size: int) -> None:
+        self.model = model
+        self.batch_size = batch_size
+        self.graph: Callable[[torch.Tensor], ADTROutput] | None = None
+
+    def prepare(self, batch: torch.Tensor, precision: str, device: torch.device) -> float:
+        """Compile forward and backward on ``batch`` (one untaken step); the seconds it took.
+
+        The random state is restored afterwards (jitter draws noise), so a compiled fit and its
+        resumed continuation draw the same numbers as without this step.
+        """
+        t = time.perf_counter()
+        graph = torch.compile(self.model, dynamic=False)
+        saved = rng_state(device)
+        self.model.train()
+        try:
+            with autocast(precision, device):
+                loss = reconstruction_loss(graph(batch.to(device)))
+            loss.backward()
+        except Exception as exc:  # noqa: BLE001 - a compiler failure is an environment problem, said in one line
+            log.warning("torch.compile failed (%s: %s); training without it (it needs a C++ compiler on the "
+                        "CPU and Triton on a GPU)", type(exc).__name__, first_line(exc))
+            graph = None
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            set_rng_state(saved, device)
+        self.graph = graph
+        return time.perf_counter() - t
+
+    def __call__(self, x: torch.Tensor) -> ADTROutput:
+        if self.graph is not None and len(x) == self.batch_size:
+            return self.graph(x)
+        return self.model(x)
 
 
 #: Epochs after each of which a ``max_minutes`` fit re-plans its epoch count (see :func:`replan_epochs`).
@@ -440,8 +485,14 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
         train_seconds, best = state["train_seconds"], state["best"]
         set_rng_state(state, device)
     else:
-        epochs = estimate_epochs(model, train_feats, tc, device, spent_seconds=time.perf_counter() - t0)
         start_epoch, train_seconds = 0, 0.0
+    forward = TrainingForward(model, min(tc.batch_size, len(train_feats)))
+    if tc.compile:
+        seconds = forward.prepare(train_feats[:forward.batch_size], tc.precision, device)
+        if forward.graph is not None:
+            log.info("compiled the training step in %.1f s", seconds)
+    if state is None:
+        epochs = estimate_epochs(model, train_feats, tc, device, spent_seconds=time.perf_counter() - t0)
 
     def save_last(done: int) -> None:
         """The resumable state after ``done`` epochs (and the random state, for dropout and jitter)."""
@@ -488,7 +539,7 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
             if pool is not None:
                 x, pixel_labels, image_labels = mix_anomalies(x, pool, plus.anomaly_prob, mixer)
             with autocast(tc.precision, device):
-                out = model(x.to(device, non_blocking=True))
+                out = forward(x.to(device, non_blocking=True))
             if pool is not None:
                 loss = plus_loss(out, pixel_labels.to(device), image_labels.to(device), plus)
             else:

@@ -15,6 +15,13 @@ class AdtrError(Exception):
     """A problem with the user's input, data, or run directory."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): library
+    errors can run to pages, and a user-facing error is one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def file_error(path: str | Path, problem: str) -> AdtrError:
     """Build the standard ``<path>: <problem>`` error."""
     return AdtrError(f"{path}: {problem}")

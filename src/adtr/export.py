@@ -32,7 +32,7 @@ from torch import nn
 
 from adtr import checkpoint as ckpt_io
 from adtr.engine import autocast
-from adtr.errors import AdtrError, file_error
+from adtr.errors import AdtrError, file_error, first_line
 from adtr.models.adtr import ADTRDetector
 from adtr.postprocess import image_score, upsample_blur, upsample_blur_matrix
 
@@ -214,8 +214,7 @@ class OnnxScorer:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=[*providers, "CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - any failure is an unusable file to the user
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise file_error(path, f"cannot load ONNX model ({msg})") from exc
+            raise file_error(path, f"cannot load ONNX model ({first_line(exc)})") from exc
         meta = self.session.get_modelmeta().custom_metadata_map
         if "image_size" not in meta or "threshold" not in meta:
             raise file_error(path, "not an adtr export (no image_size/threshold metadata); re-run `adtr export`")

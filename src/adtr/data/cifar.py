@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from adtr.data.images import IMAGE_SUFFIXES, list_images, read_image, require_dir, to_rgb
-from adtr.errors import AdtrError, file_error
+from adtr.errors import AdtrError, file_error, first_line
 
 CIFAR10_CLASSES = (
     "airplane",
@@ -168,8 +168,7 @@ def _unpickle(path: Path) -> dict:
             # as pickles; see load_cifar's docstring about untrusted files.
             data = pickle.load(f, encoding="bytes")
     except Exception as exc:  # Truncated or garbage files raise many unrelated types.
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise file_error(path, f"not a readable CIFAR pickle ({reason})") from exc
+        raise file_error(path, f"not a readable CIFAR pickle ({first_line(exc)})") from exc
     if not isinstance(data, dict):
         raise file_error(path, f"not a CIFAR pickle: expected a dict, found {type(data).__name__}")
     return data

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from adtr.errors import AdtrError, file_error
+from adtr.errors import AdtrError, file_error, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # the PIL decoders behind IMAGE_SUFFIXES; uploads get only these
@@ -105,7 +105,7 @@ def failure_reason(exc: BaseException) -> str:
         return "permission denied"
     if isinstance(exc, OSError) and exc.strerror and exc.filename:
         return exc.strerror
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return first_line(exc)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -1,0 +1,11 @@
+from adtr.errors import AdtrError, file_error, first_line
+
+
+def test_first_line_keeps_one_line_or_names_the_type():
+    assert first_line(RuntimeError("  bad thing\n  at frame 1\n")) == "bad thing"
+    assert first_line(ValueError("")) == "ValueError"
+
+
+def test_file_error_names_the_file():
+    error = file_error("a/b.png", "not an image")
+    assert isinstance(error, AdtrError) and str(error) == "a/b.png: not an image"
