@@ -356,7 +356,9 @@ def test_compiled_training_takes_the_eager_steps(tiny_category, tmp_path, caplog
     """``--compile``: the same losses and weights as eager training, within float tolerance
     (jitter off: Inductor draws its own random numbers); the ragged last batch runs eagerly."""
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
-    no_jitter = with_overrides(tiny_config(epochs=2), "model", jitter=0.0)
+    # A one-layer model: compilation time grows with the graph, and the mechanics are the same.
+    no_jitter = with_overrides(tiny_config(epochs=2), "model", jitter=0.0, dim=64, num_heads=4, ffn_dim=128,
+                               num_encoder_layers=1, num_decoder_layers=1)
     eager = fit(no_jitter, samples, tmp_path / "eager")
     with caplog.at_level("INFO", logger="adtr.engine"):
         compiled = fit(with_overrides(no_jitter, "train", compile=True), samples, tmp_path / "compiled")
