@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from provenance import short_commit  # benchmarks/ is on sys.path when a script runs
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -67,7 +69,7 @@ def markdown(rows: list[dict]) -> str:
         selected = r.get("selected_epoch", "")  # absent in rows recorded before it was added
         lines.append(f"| {r['category']} | {r['budget_minutes']:g} | {r['epochs']} | {selected} | {r['fit_seconds']:.0f} | "
                      f"{r['threads']} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | "
-                     f"{r['commit'][:7]} | {run_options(r)} |")
+                     f"{short_commit(r['commit'])} | {run_options(r)} |")
     # Target (issue 4): a 10-minute fit within 0.3 points of what 4x the budget reaches.
     check = ["| category | 10 min (image / pixel / AUPRO) | 40 min | largest shortfall (points) | within 0.3 |",
              "|---|---|---|---|---|"]

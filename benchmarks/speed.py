@@ -49,16 +49,7 @@ def sync(device: torch.device) -> None:
 
 
 def median_seconds(fn, repeats: int, warmup: int = 2, device: torch.device = torch.device("cpu")) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+    return interleaved_median_seconds({"fn": fn}, repeats, warmup, device)["fn"]
 
 
 def interleaved_median_seconds(fns: dict, repeats: int, warmup: int = 2,

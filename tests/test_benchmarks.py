@@ -116,8 +116,10 @@ def test_minutes_table_checks_the_10_minute_fit_against_the_40_minute_one():
         return {**r, "selected_epoch": selected} if selected else r
 
     close = minutes.markdown([row(10, 0.970, 0.950, 0.880, selected=39), row(40, 0.972, 0.952, 0.882)])
-    assert "| grid | 10 | 40 | 39 | 600 | 2 | 0.970 | 0.950 | 0.880 | 0123456 | defaults |" in close
+    assert "| grid | 10 | 40 | 39 | 600 | 2 | 0.970 | 0.950 | 0.880 | 0123456789ab | defaults |" in close
     assert "| 0.2 | yes |" in close
+    dirty = minutes.markdown([{**row(10, 0.970, 0.950, 0.880), "commit": "0123456789abcdef+uncommitted"}])
+    assert "| 0123456789ab+uncommitted | defaults |" in dirty  # code that differed from its commit says so
     far = minutes.markdown([row(10, 0.967, 0.949, 0.877), row(40, 0.977, 0.954, 0.888)])
     assert "| 1.1 | no |" in far
     # A 40-minute fit of another model (a default changed in between) is no reference.
@@ -125,12 +127,12 @@ def test_minutes_table_checks_the_10_minute_fit_against_the_40_minute_one():
     mixed = minutes.markdown([{**row(10, 0.970, 0.950, 0.880), "config": three},
                               {**row(40, 0.972, 0.952, 0.882), "config": five}])
     assert "| 0.2 | yes |" not in mixed
-    assert "| 0123456 | stages=0 1 2 3 4 |" in mixed and "| 0123456 | defaults |" in mixed  # [1, 2, 3] is today's
+    assert "| 0123456789ab | stages=0 1 2 3 4 |" in mixed and "| 0123456789ab | defaults |" in mixed  # [1, 2, 3] is today's
     # Nor one trained otherwise; the budget itself (epochs, max_minutes) is what rows differ in.
     batch2 = {"train": {"batch_size": 2, "epochs": 100000, "max_minutes": 10.0}}
     trained = minutes.markdown([{**row(10, 0.970, 0.950, 0.880), "config": batch2},
                                 {**row(40, 0.972, 0.952, 0.882), "config": {"train": {"epochs": 100000}}}])
-    assert "| 0.2 | yes |" not in trained and "| 0123456 | batch_size=2 |" in trained
+    assert "| 0.2 | yes |" not in trained and "| 0123456789ab | batch_size=2 |" in trained
     # Nor is a 40-minute fit on another machine: the same minutes buy other numbers of epochs.
     elsewhere = minutes.markdown([{**row(10, 0.970, 0.950, 0.880), "machine": "AMD EPYC, AVX2, no fast bf16"},
                                   {**row(40, 0.972, 0.952, 0.882), "machine": "Intel Xeon, AVX512, fast bf16"}])

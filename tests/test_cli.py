@@ -183,7 +183,7 @@ def test_fit_help_lists_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--plus", "--init", "--defects", "--defect-masks", "--outliers", "--alpha", "--topk",
                    "--anomaly-prob", "--variants", "--refresh-every", "--reconstructor", "--target", "--stages",
-                   "--step-at", "--backbone", "--compile"):
+                   "--step-at", "--warmup-fraction", "--backbone", "--compile"):
         assert option in text, option
 
 

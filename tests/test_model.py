@@ -168,6 +168,13 @@ def test_sincos_position_init_is_learned():
         small(pos_init="fixed")
 
 
+def test_fourier_position_init_is_learned_and_follows_the_seed():
+    a, b = small(pos_init="fourier"), small(pos_init="fourier")  # small() seeds torch
+    assert torch.equal(a.pos_embed, b.pos_embed) and a.pos_embed.requires_grad
+    assert not torch.equal(a.pos_embed, small(pos_init="normal").pos_embed)
+    assert a.pos_embed.shape == (1, 16, 16) and float(a.pos_embed.detach().abs().max()) <= 2**0.5 + 1e-6
+
+
 def offdiagonal_cosine(codes: torch.Tensor) -> float:
     """Mean cosine similarity between the (L, D) codes of different positions."""
     unit = torch.nn.functional.normalize(codes, dim=-1)
@@ -209,6 +216,16 @@ def test_aligned_cross_attention_starts_reading_each_tokens_own_cell():
     torch.manual_seed(0)  # uniform codes are too alike for a copied projection to tell positions apart
     assert own_cell_share(ADTR(12, 16, pos_init="uniform", cross_init="aligned")) < 0.5
     small(cross_init="aligned", reconstructor="no-attention")  # nothing to align: built as it is
+
+
+@torch.no_grad()
+def test_aligned_last_aligns_only_the_last_decoder_layer():
+    torch.manual_seed(0)
+    model = ADTR(12, 16, pos_init="normal", cross_init="aligned-last")
+    *earlier, last = [layer.cross_attn for layer in model.transformer.decoder]
+    assert torch.equal(last.k_proj.weight, last.q_proj.weight) and torch.equal(last.k_proj.bias, last.q_proj.bias)
+    assert earlier and not any(torch.equal(a.k_proj.weight, a.q_proj.weight) for a in earlier)
+    assert own_cell_share(model) < 0.05  # the first layer is as DETR starts it
 
 
 def test_cells_per_token_embeds_blocks_of_cells():

@@ -11,6 +11,7 @@ from adtr.models.transformer import (
     ReconstructionTransformer,
     attention,
     count_parameters,
+    fourier_position_embedding,
     matching_conv_blocks,
     neighbourhood_mask,
     sincos_position_embedding,
@@ -205,3 +206,23 @@ def test_sincos_position_embedding_codes_row_and_column():
     assert len({tuple(row.tolist()) for row in e}) == 16  # every position distinct
     with pytest.raises(ValueError):
         sincos_position_embedding(4, 10)
+
+
+def test_fourier_position_codes_are_alike_for_neighbours_and_nearly_orthogonal_far_apart():
+    """The expected cosine of two cells' codes is exp(-d^2 / 2) at distance d (length scale 1
+    cell); 1024 channels keep the sampling error near 0.03."""
+    g = torch.Generator().manual_seed(0)
+    e = fourier_position_embedding(16, 1024, generator=g)[0]  # (256 cells, 1024 channels)
+    assert e.shape == (256, 1024) and abs(float(e.var()) - 1) < 0.05
+    unit = F.normalize(e, dim=-1)
+
+    def cos(a, b):
+        return float(unit[a[0] * 16 + a[1]] @ unit[b[0] * 16 + b[1]])
+
+    assert cos((5, 5), (5, 6)) == pytest.approx(0.607, abs=0.1)  # exp(-1/2)
+    assert cos((5, 5), (6, 6)) == pytest.approx(0.368, abs=0.1)  # exp(-1)
+    assert abs(cos((2, 2), (12, 13))) < 0.1
+    sim = unit @ unit.T
+    assert abs(float(sim[~torch.eye(256, dtype=torch.bool)].mean())) < 0.05  # uniform codes: 0.75
+    wide = F.normalize(fourier_position_embedding(16, 1024, length_scale=3.0, generator=g)[0], dim=-1)
+    assert float(wide[5 * 16 + 5] @ wide[5 * 16 + 7]) > cos((5, 5), (5, 7))  # a longer scale, more alike

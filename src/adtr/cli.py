@@ -108,6 +108,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                              cross_init=args.cross_init, cells_per_token=args.cells_per_token)
     cfg = with_overrides(cfg, "train", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, schedule=args.schedule, step_at=args.step_at,
+                         warmup_fraction=args.warmup_fraction,
                          grad_clip=args.grad_clip, val_fraction=args.val_fraction, seed=args.seed,
                          precision=args.precision, max_minutes=args.max_minutes, feature_cache=args.feature_cache,
                          select=args.select, patience=args.patience,
@@ -159,14 +160,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     saved = ckpt_io.load_checkpoint(last) if args.resume and last.is_file() else None
     if saved is not None:
         ckpt_io.check_compatible(saved, last, args.backbone, args.image_size, args.grid_stride)
-    samples = resolve_training_samples(args.data)
-    validate_readable(samples)
     if saved is not None:
         from adtr.config import from_dict
 
         config = from_dict(saved["config"])  # a resumed run keeps its own config
     else:
-        config = config_from_args(args)
+        config = config_from_args(args)  # bad option values fail here, before the images are read
+    samples = resolve_training_samples(args.data)
+    validate_readable(samples)
     anomalies = load_anomalies(config)
     result = fit(config, samples, Path(args.out), resume=args.resume, anomalies=anomalies)
     print(f"fitted {result.epochs} epochs in {result.seconds:.0f} s; image threshold {result.threshold:.4f}")
@@ -426,10 +427,13 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
                         "(default 20, UniAD's; 0: off, the paper's)")
     g.add_argument("--pos-init", choices=POS_INITS,
                    help="initial value of the learned position embedding: normal (default: N(0, 1), nearly "
-                        "orthogonal codes: off the initial plateau sooner, then faster to converge), uniform (DETR's) or sincos")
+                        "orthogonal codes: off the initial plateau sooner, then faster to converge), uniform "
+                        "(DETR's), sincos, or fourier (random Fourier features of the cell: nearly orthogonal, "
+                        "neighbours alike)")
     g.add_argument("--cross-init", choices=CROSS_INITS,
-                   help="decoder cross-attention keys at init: independent (default, DETR's) or aligned "
-                        "(key projection = query projection, so each query starts reading its own cell)")
+                   help="decoder cross-attention keys at init: independent (default, DETR's), aligned "
+                        "(key projection = query projection, so each query starts reading its own cell) or "
+                        "aligned-last (the same in the last decoder layer only)")
     g.add_argument("--cells-per-token", type=int, metavar="P",
                    help="one token embeds P x P cells of the feature grid (default 1, as the paper); "
                         "with --grid-stride 8, P=2 keeps 16 x 16 tokens and an 8 px map")
@@ -442,6 +446,9 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", choices=["warmup-cosine", "step"], help="learning-rate schedule")
     g.add_argument("--step-at", type=float,
                    help="fraction of training after which --schedule step divides lr by 10 (default 0.8)")
+    g.add_argument("--warmup-fraction", type=float,
+                   help="share of the steps over which --schedule warmup-cosine raises lr linearly from 0 "
+                        "(default 0.05)")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (default off)")
     g.add_argument("--val-fraction", type=float, help="good images held out for calibration (default 0.1)")
     g.add_argument("--seed", type=int, help="random seed (default 0)")

@@ -18,9 +18,9 @@ ENGINES = ("torch", "onnx", "compile")
 #: Reconstruction networks (``ModelConfig.reconstructor``): the paper's model and its Table-4 ablations.
 RECONSTRUCTORS = ("transformer", "no-attention", "no-query", "cnn")
 #: Initial values of the learned position embedding (``ModelConfig.pos_init``; see ``adtr.models.adtr.ADTR``).
-POS_INITS = ("uniform", "sincos", "normal")
+POS_INITS = ("uniform", "sincos", "normal", "fourier")
 #: Initial key projections of the decoder's cross-attention (``ModelConfig.cross_init``).
-CROSS_INITS = ("independent", "aligned")
+CROSS_INITS = ("independent", "aligned", "aligned-last")
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class TrainConfig:
     weight_decay: float = 1e-4  # paper
     schedule: str = "warmup-cosine"  # warmup-cosine (ours, fast) | step (paper: x0.1 from step_at on)
     step_at: float = 0.8  # fraction of training after which ``step`` divides lr by 10 (paper: 400/500)
-    warmup_fraction: float = 0.05
+    warmup_fraction: float = 0.05  # ours: share of the steps over which ``warmup-cosine`` ramps lr up from 0
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     val_fraction: float = 0.1  # held-out good images for monitoring and calibration
     seed: int = 0
@@ -71,6 +71,25 @@ class TrainConfig:
     feature_cache: str = "auto"  # auto | memory | disk
     checkpoint_seconds: float = 30.0  # last.pt at the first epoch end this long after the previous; 0 = every epoch
     compile: bool = False  # ours: torch.compile the training forward and backward (a one-off compilation first)
+
+    def __post_init__(self) -> None:
+        """Refuse values that would fail deep inside training, naming the field and its CLI flag."""
+        checks = (
+            ("epochs", self.epochs >= 1, "at least 1", "--epochs"),
+            ("batch_size", self.batch_size >= 1, "at least 1", "--batch-size"),
+            ("lr", self.lr > 0, "positive", "--lr"),
+            ("weight_decay", self.weight_decay >= 0, "0 or more", "--weight-decay"),
+            ("step_at", 0 < self.step_at <= 1, "in (0, 1]", "--step-at"),
+            ("warmup_fraction", 0 <= self.warmup_fraction < 1, "in [0, 1)", "--warmup-fraction"),
+            ("grad_clip", self.grad_clip >= 0, "0 (off) or more", "--grad-clip"),
+            ("val_fraction", 0 <= self.val_fraction < 1, "in [0, 1)", "--val-fraction"),
+            ("patience", self.patience >= 0, "0 (off) or more", "--patience"),
+            ("max_minutes", self.max_minutes >= 0, "0 (none) or more", "--max-minutes"),
+            ("checkpoint_seconds", self.checkpoint_seconds >= 0, "0 or more", "--checkpoint-every"),
+        )
+        for name, ok, requirement, flag in checks:
+            if not ok:
+                raise AdtrError(f"train.{name} ({flag}) must be {requirement}, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

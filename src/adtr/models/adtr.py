@@ -17,7 +17,8 @@ from adtr.config import CROSS_INITS, POS_INITS, RECONSTRUCTORS
 from adtr.errors import AdtrError
 from adtr.models.backbone import FrozenBackbone
 from adtr.models.transformer import (ConvReconstructor, ReconstructionTransformer, matching_conv_blocks,
-                                     neighbourhood_mask, sincos_position_embedding)
+                                     fourier_position_embedding, neighbourhood_mask,
+                                     sincos_position_embedding)
 
 
 class ADTROutput(NamedTuple):
@@ -58,14 +59,18 @@ class ADTR(nn.Module):
             with per-token standard deviation ``jitter * ||token|| / D`` is added to the
             projected tokens, so the network learns to denoise rather than to copy.
         pos_init: the learned position embedding's initial value: ``uniform`` on [0, 1]
-            (DETR's), ``sincos`` (a 2-D sine-cosine code) or ``normal`` (N(0, 1), as the
-            query embedding). Uniform codes share a mean of 0.5 in every channel, so any two
+            (DETR's), ``sincos`` (a 2-D sine-cosine code), ``normal`` (N(0, 1), as the
+            query embedding) or ``fourier`` (random Fourier features of the cell's row and
+            column). Uniform codes share a mean of 0.5 in every channel, so any two
             positions start with cosine similarity about 0.75, and sine codes of nearby
-            positions are nearly as alike; normal codes start nearly orthogonal.
+            positions are nearly as alike; normal codes start nearly orthogonal, and Fourier
+            codes too, except that neighbouring cells start alike (cosine 0.61).
         cross_init: ``independent`` (DETR's: Xavier for every projection) or ``aligned``:
             each decoder cross-attention's key projection starts as a copy of its query
             projection, so a query first attends to the memory tokens whose position code
-            is most like its own, its own cell (both are trained freely afterwards).
+            is most like its own, its own cell (both are trained freely afterwards);
+            ``aligned-last`` does so in the last decoder layer only, the one that training
+            with independent projections turns to the own cell first.
         cells_per_token: p, the side of the square of grid cells one token stands for
             (1 in the paper). With p > 1 the input projection embeds each p x p block of
             cells as one token and the output projection predicts the block back, as a
@@ -121,6 +126,9 @@ class ADTR(nn.Module):
             if pos_init == "sincos":
                 with torch.no_grad():
                     self.pos_embed.copy_(sincos_position_embedding(token_grid, dim))
+            elif pos_init == "fourier":
+                with torch.no_grad():
+                    self.pos_embed.copy_(fourier_position_embedding(token_grid, dim))
             elif pos_init == "normal":
                 nn.init.normal_(self.pos_embed)  # as the query embedding: nearly orthogonal codes
             else:
@@ -133,8 +141,8 @@ class ADTR(nn.Module):
             self.transformer = ReconstructionTransformer(
                 dim, num_heads, num_encoder_layers, num_decoder_layers, ffn_dim, dropout,
                 attention=reconstructor != "no-attention")
-            if cross_init == "aligned":
-                self.transformer.align_cross_attention()
+            if cross_init in ("aligned", "aligned-last"):
+                self.transformer.align_cross_attention(last_only=cross_init == "aligned-last")
 
     @torch.no_grad()
     def set_feature_stats(self, features: torch.Tensor) -> None:

@@ -13,6 +13,8 @@ replaced by concatenation + projection), ``query=None`` (no auxiliary query) and
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -185,13 +187,13 @@ class ReconstructionTransformer(nn.Module):
                 nn.init.xavier_uniform_(p)
 
     @torch.no_grad()
-    def align_cross_attention(self) -> None:
-        """Start every decoder cross-attention with its key projection equal to its query
-        projection: the logits' position term is then (W p_i) . (W p_j), largest for j = i
-        when the position codes are nearly orthogonal, so the decoder reads its own cell
-        from the first step instead of learning where to look from uniform attention
-        (the long initial plateau of DETR-style training)."""
-        for layer in self.decoder:
+    def align_cross_attention(self, last_only: bool = False) -> None:
+        """Start every decoder cross-attention (or only the last one) with its key projection
+        equal to its query projection: the logits' position term is then (W p_i) . (W p_j),
+        largest for j = i when the position codes are nearly orthogonal, so the decoder reads
+        its own cell from the first step instead of learning where to look from near-uniform
+        attention (the long plateaus of DETR-style training)."""
+        for layer in self.decoder[-1:] if last_only else self.decoder:
             if isinstance(layer.cross_attn, MultiHeadAttention):
                 layer.cross_attn.k_proj.weight.copy_(layer.cross_attn.q_proj.weight)
                 layer.cross_attn.k_proj.bias.copy_(layer.cross_attn.q_proj.bias)
@@ -320,3 +322,21 @@ def sincos_position_embedding(grid_size: int, dim: int, temperature: float = 100
     cols = coords.repeat(grid_size)[:, None] * omega  # (L, dim/4)
     emb = torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1)  # (L, dim)
     return emb.float()[None]
+
+
+def fourier_position_embedding(grid_size: int, dim: int, length_scale: float = 1.0,
+                               generator: torch.Generator | None = None) -> torch.Tensor:
+    """(1, grid_size**2, dim) random Fourier features of the cell coordinates:
+    ``sqrt(2) cos(w . (row, col) + b)`` with ``w ~ N(0, I / length_scale**2)``, ``b ~ U(0, 2 pi)``.
+
+    Like N(0, 1) codes, every channel has unit variance and distant cells start nearly
+    orthogonal; unlike them, the expected cosine similarity of two cells is the Gaussian
+    kernel ``exp(-d**2 / (2 length_scale**2))`` of their distance d in cells (0.61 for
+    neighbours at the default scale), so attention that learns to read one cell starts out
+    reading its neighbours too (Rahimi and Recht, 2007). Used only as an initial value.
+    """
+    w = torch.randn(dim, 2, generator=generator, dtype=torch.float64) / length_scale
+    b = torch.rand(dim, generator=generator, dtype=torch.float64) * 2 * math.pi
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    cells = torch.stack([coords.repeat_interleave(grid_size), coords.repeat(grid_size)], dim=1)  # (L, 2)
+    return (math.sqrt(2.0) * torch.cos(cells @ w.T + b)).float()[None]

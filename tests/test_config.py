@@ -1,0 +1,42 @@
+"""Training options are checked where they are made, so a bad value is one clear error."""
+
+from __future__ import annotations
+
+import pytest
+
+from adtr.cli import build_parser, config_from_args, main
+from adtr.config import PLUS_TRAIN_DEFAULTS, RunConfig, TrainConfig, from_dict, to_dict, with_overrides
+from adtr.errors import AdtrError
+
+
+@pytest.mark.parametrize("field, value, flag", [
+    ("epochs", 0, "--epochs"), ("batch_size", 0, "--batch-size"), ("lr", 0.0, "--lr"),
+    ("weight_decay", -1e-4, "--weight-decay"), ("step_at", 0.0, "--step-at"), ("step_at", 1.5, "--step-at"),
+    ("warmup_fraction", 1.0, "--warmup-fraction"), ("warmup_fraction", -0.1, "--warmup-fraction"),
+    ("grad_clip", -1.0, "--grad-clip"), ("val_fraction", 1.0, "--val-fraction"), ("patience", -1, "--patience"),
+    ("max_minutes", -5.0, "--max-minutes"), ("checkpoint_seconds", -1.0, "--checkpoint-every"),
+])
+def test_an_impossible_training_value_names_its_field_and_flag(field, value, flag):
+    with pytest.raises(AdtrError, match=rf"train\.{field} \({flag}\) must be .*got {value}"):
+        with_overrides(RunConfig(), "train", **{field: value})
+
+
+def test_the_defaults_and_the_plus_defaults_pass_and_survive_a_round_trip():
+    config = with_overrides(RunConfig(), "train", **PLUS_TRAIN_DEFAULTS)
+    assert from_dict(to_dict(config)) == config
+    TrainConfig(warmup_fraction=0.0, val_fraction=0.0, step_at=1.0, max_minutes=0.0)
+
+
+def test_warmup_fraction_from_the_cli():
+    parser = build_parser()
+    args = parser.parse_args(["fit", "good", "--out", "r", "--warmup-fraction", "0.2"])
+    assert config_from_args(args).train.warmup_fraction == 0.2
+    assert config_from_args(parser.parse_args(["fit", "good", "--out", "r"])).train.warmup_fraction == 0.05
+
+
+def test_fit_refuses_a_bad_value_before_reading_images(tmp_path, capsys):
+    missing = tmp_path / "nowhere"  # never read: the option is refused first
+    code = main(["fit", str(missing), "--out", str(tmp_path / "run"), "--batch-size", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "error: train.batch_size (--batch-size) must be at least 1, got 0"
+    assert not (tmp_path / "run").exists()
