@@ -223,6 +223,13 @@ class ReconstructionTransformer(nn.Module):
         return out
 
 
+def token_cells(grid_size: int, dtype: torch.dtype = torch.long) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column, each (L,), of every token of a ``grid_size`` x ``grid_size`` grid in
+    the row-major order of the flattened feature map."""
+    coords = torch.arange(grid_size, dtype=dtype)
+    return coords.repeat_interleave(grid_size), coords.repeat(grid_size)
+
+
 def neighbourhood_mask(grid_size: int, size: int) -> torch.Tensor:
     """(L, L) bool attention mask for an ``grid_size`` x ``grid_size`` token grid that hides
     each token's ``size`` x ``size`` neighbourhood (itself included); True = may attend.
@@ -234,8 +241,7 @@ def neighbourhood_mask(grid_size: int, size: int) -> torch.Tensor:
     """
     if size % 2 == 0 or size < 1 or size >= grid_size:
         raise ValueError(f"neighbourhood size must be odd and between 1 and {grid_size - 1}, not {size}")
-    rows = torch.arange(grid_size).repeat_interleave(grid_size)  # (L,) row of each token
-    cols = torch.arange(grid_size).repeat(grid_size)  # (L,)
+    rows, cols = token_cells(grid_size)  # (L,) each
     r = size // 2
     near = ((rows[:, None] - rows[None, :]).abs() <= r) & ((cols[:, None] - cols[None, :]).abs() <= r)
     return ~near
@@ -317,9 +323,8 @@ def sincos_position_embedding(grid_size: int, dim: int, temperature: float = 100
         raise ValueError(f"sincos position embedding needs dim divisible by 4, not {dim}")
     quarter = dim // 4
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
-    coords = torch.arange(grid_size, dtype=torch.float64)
-    rows = coords.repeat_interleave(grid_size)[:, None] * omega  # (L, dim/4)
-    cols = coords.repeat(grid_size)[:, None] * omega  # (L, dim/4)
+    rows, cols = token_cells(grid_size, torch.float64)
+    rows, cols = rows[:, None] * omega, cols[:, None] * omega  # (L, dim/4) each
     emb = torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], dim=1)  # (L, dim)
     return emb.float()[None]
 
@@ -337,6 +342,5 @@ def fourier_position_embedding(grid_size: int, dim: int, length_scale: float = 1
     """
     w = torch.randn(dim, 2, generator=generator, dtype=torch.float64) / length_scale
     b = torch.rand(dim, generator=generator, dtype=torch.float64) * 2 * math.pi
-    coords = torch.arange(grid_size, dtype=torch.float64)
-    cells = torch.stack([coords.repeat_interleave(grid_size), coords.repeat(grid_size)], dim=1)  # (L, 2)
+    cells = torch.stack(token_cells(grid_size, torch.float64), dim=1)  # (L, 2)
     return (math.sqrt(2.0) * torch.cos(cells @ w.T + b)).float()[None]
