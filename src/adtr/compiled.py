@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch._inductor import config as inductor_config
 
-from adtr.errors import AdtrError, first_line
+from adtr.errors import AdtrError, compile_failure
 from adtr.export import ScoringModel
 
 
@@ -61,7 +61,6 @@ class CompiledScorer:
         except Exception as exc:  # noqa: BLE001 - a compiler failure is an environment problem, said in one line
             if size in self.batch_sizes:
                 raise
-            raise AdtrError(f"torch.compile failed ({type(exc).__name__}: {first_line(exc)}); it needs a C++ "
-                            f"compiler on the CPU and Triton on a GPU: use --engine torch") from exc
+            raise AdtrError(f"{compile_failure(exc)}: use --engine torch") from exc
         self.batch_sizes.add(size)
         return maps[:n, 0].float().cpu(), scores[:n].float().cpu()

@@ -29,7 +29,7 @@ from adtr import checkpoint as ckpt_io
 from adtr.anomalies import AnomalyPool, confetti_pool, decode_images, labelled_pool, mix_anomalies
 from adtr.config import ModelConfig, PlusConfig, RunConfig, ScoreConfig, TrainConfig, from_dict, to_dict
 from adtr.data.dataset import ImageSource
-from adtr.errors import AdtrError, first_line
+from adtr.errors import AdtrError, compile_failure, first_line
 from adtr.features import extract_features
 from adtr.losses import image_push_pull_loss, pixel_push_pull_loss, pseudo_huber_map
 from adtr.models.adtr import ADTR, RECONSTRUCTORS, ADTROutput, reconstruction_loss
@@ -268,8 +268,7 @@ class TrainingForward:
                 loss = reconstruction_loss(graph(batch.to(device)))
             loss.backward()
         except Exception as exc:  # noqa: BLE001 - a compiler failure is an environment problem, said in one line
-            log.warning("torch.compile failed (%s: %s); training without it (it needs a C++ compiler on the "
-                        "CPU and Triton on a GPU)", type(exc).__name__, first_line(exc))
+            log.warning("%s; training without it", compile_failure(exc))
             graph = None
         finally:
             self.model.zero_grad(set_to_none=True)

@@ -22,6 +22,13 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def compile_failure(exc: BaseException) -> str:
+    """One line on a failed ``torch.compile``: what failed and what the platform lacks. Such a
+    failure is the environment's (Inductor generates C++ on the CPU and Triton kernels on a GPU)."""
+    return (f"torch.compile failed ({type(exc).__name__}: {first_line(exc)}); it needs a C++ compiler "
+            f"on the CPU and Triton on a GPU")
+
+
 def file_error(path: str | Path, problem: str) -> AdtrError:
     """Build the standard ``<path>: <problem>`` error."""
     return AdtrError(f"{path}: {problem}")
