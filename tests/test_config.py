@@ -15,6 +15,7 @@ from adtr.errors import AdtrError
     ("warmup_fraction", 1.0, "--warmup-fraction"), ("warmup_fraction", -0.1, "--warmup-fraction"),
     ("grad_clip", -1.0, "--grad-clip"), ("val_fraction", 1.0, "--val-fraction"), ("patience", -1, "--patience"),
     ("max_minutes", -5.0, "--max-minutes"), ("checkpoint_seconds", -1.0, "--checkpoint-every"),
+    ("schedule", "cosine", "--schedule"),
 ])
 def test_an_impossible_training_value_names_its_field_and_flag(field, value, flag):
     with pytest.raises(AdtrError, match=rf"train\.{field} \({flag}\) must be .*got {value}"):
@@ -27,10 +28,12 @@ def test_the_defaults_and_the_plus_defaults_pass_and_survive_a_round_trip():
     TrainConfig(warmup_fraction=0.0, val_fraction=0.0, step_at=1.0, max_minutes=0.0)
 
 
-def test_warmup_fraction_from_the_cli():
+def test_warmup_fraction_and_schedule_from_the_cli():
     parser = build_parser()
-    args = parser.parse_args(["fit", "good", "--out", "r", "--warmup-fraction", "0.2"])
+    args = parser.parse_args(["fit", "good", "--out", "r", "--warmup-fraction", "0.2",
+                              "--schedule", "warmup-stable-decay"])
     assert config_from_args(args).train.warmup_fraction == 0.2
+    assert config_from_args(args).train.schedule == "warmup-stable-decay"
     assert config_from_args(parser.parse_args(["fit", "good", "--out", "r"])).train.warmup_fraction == 0.05
 
 

@@ -33,8 +33,21 @@ def test_schedules():
     assert lr_factor("warmup-cosine", 0, 100, 10) == pytest.approx(0.1)
     assert lr_factor("warmup-cosine", 10, 100, 10) == pytest.approx(1.0)
     assert lr_factor("warmup-cosine", 100, 100, 10) == pytest.approx(0.01)
-    with pytest.raises(AdtrError):
+    with pytest.raises(AdtrError, match="warmup-stable-decay"):
         lr_factor("nope", 0, 1, 0)
+
+
+def test_warmup_stable_decay_holds_the_full_rate_until_step_at_then_decays_linearly():
+    factors = [lr_factor("warmup-stable-decay", s, 100, 10, step_at=0.8) for s in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)  # warm-up as warmup-cosine's
+    assert all(f == 1.0 for f in factors[10:81])
+    assert factors[90] == pytest.approx(0.505) and factors[100] == pytest.approx(0.01)
+    assert all(a >= b for a, b in zip(factors[80:], factors[81:]))
+    # more of the steps at the full rate than cosine, the point of the schedule
+    assert sum(factors) > sum(lr_factor("warmup-cosine", s, 100, 10) for s in range(101)) + 20
+    # a warm-up longer than step_at: the decay starts when the warm-up ends
+    assert lr_factor("warmup-stable-decay", 49, 100, 50, step_at=0.2) == pytest.approx(1.0)
+    assert lr_factor("warmup-stable-decay", 75, 100, 50, step_at=0.2) == pytest.approx(0.505)
 
 
 def test_batch_order_depends_only_on_seed_and_epoch():

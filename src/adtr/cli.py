@@ -23,7 +23,7 @@ from pathlib import Path
 
 from adtr import __version__
 from adtr.checkpoint import atomic_write_bytes
-from adtr.config import CROSS_INITS, ENGINES, POS_INITS, RECONSTRUCTORS, RunConfig, with_overrides
+from adtr.config import CROSS_INITS, ENGINES, POS_INITS, RECONSTRUCTORS, SCHEDULES, RunConfig, with_overrides
 from adtr.errors import AdtrError
 
 log = logging.getLogger("adtr")
@@ -443,12 +443,15 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="default 8 (paper: 16)")
     g.add_argument("--lr", type=float, help="peak learning rate (default 5e-4; paper: 1e-4 with --schedule step)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
-    g.add_argument("--schedule", choices=["warmup-cosine", "step"], help="learning-rate schedule")
+    g.add_argument("--schedule", choices=SCHEDULES,
+                   help="learning-rate schedule: warmup-cosine (default), step (the paper's) or warmup-stable-decay "
+                        "(the full rate until --step-at, then a linear decay)")
     g.add_argument("--step-at", type=float,
-                   help="fraction of training after which --schedule step divides lr by 10 (default 0.8)")
+                   help="fraction of training after which --schedule step divides lr by 10, or "
+                        "warmup-stable-decay starts its decay (default 0.8)")
     g.add_argument("--warmup-fraction", type=float,
-                   help="share of the steps over which --schedule warmup-cosine raises lr linearly from 0 "
-                        "(default 0.05)")
+                   help="share of the steps over which --schedule warmup-cosine or warmup-stable-decay raises lr "
+                        "linearly from 0 (default 0.05)")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (default off)")
     g.add_argument("--val-fraction", type=float, help="good images held out for calibration (default 0.1)")
     g.add_argument("--seed", type=int, help="random seed (default 0)")

@@ -19,6 +19,8 @@ ENGINES = ("torch", "onnx", "compile")
 RECONSTRUCTORS = ("transformer", "no-attention", "no-query", "cnn")
 #: Initial values of the learned position embedding (``ModelConfig.pos_init``; see ``adtr.models.adtr.ADTR``).
 POS_INITS = ("uniform", "sincos", "normal", "fourier")
+#: Learning-rate schedules (``TrainConfig.schedule``; see ``adtr.engine.lr_factor``).
+SCHEDULES = ("warmup-cosine", "step", "warmup-stable-decay")
 #: Initial key projections of the decoder's cross-attention (``ModelConfig.cross_init``).
 CROSS_INITS = ("independent", "aligned", "aligned-last")
 
@@ -58,9 +60,9 @@ class TrainConfig:
     batch_size: int = 8  # ours: twice the updates per epoch, faster to the same quality (paper: 16)
     lr: float = 5e-4  # ours, with warmup-cosine (paper: 1e-4 with its step schedule)
     weight_decay: float = 1e-4  # paper
-    schedule: str = "warmup-cosine"  # warmup-cosine (ours, fast) | step (paper: x0.1 from step_at on)
-    step_at: float = 0.8  # fraction of training after which ``step`` divides lr by 10 (paper: 400/500)
-    warmup_fraction: float = 0.05  # ours: share of the steps over which ``warmup-cosine`` ramps lr up from 0
+    schedule: str = "warmup-cosine"  # warmup-cosine (ours) | step (paper: x0.1 from step_at on) | warmup-stable-decay
+    step_at: float = 0.8  # fraction of training after which ``step`` divides lr by 10 (paper: 400/500) or WSD decays
+    warmup_fraction: float = 0.05  # ours: share of the steps over which the warmup-* schedules ramp lr up from 0
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     val_fraction: float = 0.1  # held-out good images for monitoring and calibration
     seed: int = 0
@@ -78,6 +80,7 @@ class TrainConfig:
             ("epochs", self.epochs >= 1, "at least 1", "--epochs"),
             ("batch_size", self.batch_size >= 1, "at least 1", "--batch-size"),
             ("lr", self.lr > 0, "positive", "--lr"),
+            ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}", "--schedule"),
             ("weight_decay", self.weight_decay >= 0, "0 or more", "--weight-decay"),
             ("step_at", 0 < self.step_at <= 1, "in (0, 1]", "--step-at"),
             ("warmup_fraction", 0 <= self.warmup_fraction < 1, "in [0, 1)", "--warmup-fraction"),
