@@ -444,8 +444,8 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help="peak learning rate (default 5e-4; paper: 1e-4 with --schedule step)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
     g.add_argument("--schedule", choices=SCHEDULES,
-                   help="learning-rate schedule: warmup-cosine (default), step (the paper's) or warmup-stable-decay "
-                        "(the full rate until --step-at, then a linear decay)")
+                   help="learning-rate schedule: warmup-stable-decay (default: the full rate until --step-at, then a "
+                        "linear decay), warmup-cosine or step (the paper's)")
     g.add_argument("--step-at", type=float,
                    help="fraction of training after which --schedule step divides lr by 10, or "
                         "warmup-stable-decay starts its decay (default 0.8)")
