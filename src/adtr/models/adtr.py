@@ -123,12 +123,10 @@ class ADTR(nn.Module):
         else:
             num_tokens = token_grid * token_grid
             self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, dim))
-            if pos_init == "sincos":
+            computed_codes = {"sincos": sincos_position_embedding, "fourier": fourier_position_embedding}
+            if pos_init in computed_codes:
                 with torch.no_grad():
-                    self.pos_embed.copy_(sincos_position_embedding(token_grid, dim))
-            elif pos_init == "fourier":
-                with torch.no_grad():
-                    self.pos_embed.copy_(fourier_position_embedding(token_grid, dim))
+                    self.pos_embed.copy_(computed_codes[pos_init](token_grid, dim))
             elif pos_init == "normal":
                 nn.init.normal_(self.pos_embed)  # as the query embedding: nearly orthogonal codes
             else:
