@@ -17,14 +17,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from adtr.config import PAPER_MODEL
+from adtr.config import PAPER_MODEL, PAPER_TRAIN
 from provenance import short_commit  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 
-#: The model Table 4 ablates: the paper's (adtr.config.PAPER_MODEL, where the MVTec defaults
-#: differ; see docs/training-notes.md) as fit options. A variant's own options come after it and win.
-PAPER_MODEL_ARGS = [arg for name, value in PAPER_MODEL.items() for arg in
+#: The model Table 4 ablates and its optimiser: the paper's (adtr.config.PAPER_MODEL and PAPER_TRAIN,
+#: where the MVTec defaults differ; see docs/training-notes.md) as fit options. A variant's own
+#: options come after it and win.
+PAPER_MODEL_ARGS = [arg for name, value in {**PAPER_MODEL, **PAPER_TRAIN}.items() for arg in
                     (f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, tuple) else (value,)))]
 
 #: variant -> (fit options, the paper's mean MVTec pixel AUROC % for the same change, paper row).

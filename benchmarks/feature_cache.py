@@ -47,7 +47,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(mc, backbone.out_channels)
         model.set_feature_stats(feats)
-        opt = make_optimizer(model, tc.lr, tc.weight_decay, device)  # fit's optimiser
+        opt = make_optimizer(model, tc.lr, tc.weight_decay, device, tc.optimizer)  # fit's optimiser
         t = time.perf_counter()
         for idx in batch_order(len(samples), tc.batch_size, 0, 0):
             if use_cache:

@@ -266,7 +266,7 @@ def main() -> None:
     train = {}
     batch = feats32[: cfg.train.batch_size]
     model.train()
-    opt = make_optimizer(model, 1e-6, cfg.train.weight_decay, cpu)  # fit's optimiser (fused AdamW)
+    opt = make_optimizer(model, 1e-6, cfg.train.weight_decay, cpu, cfg.train.optimizer)  # fit's optimiser
 
     def step(precision, forward=model):
         with autocast(precision, cpu):

@@ -85,7 +85,7 @@ def test_ablations_vary_the_papers_model_not_our_defaults(monkeypatch, tmp_path)
         fit_args = commands[-1][commands[-1].index("--row-json") + 2:]
         args = parser.parse_args(fit_args)
         assert args.stages == stages and args.jitter == 0 and args.epochs == 20
-        assert args.pos_init == "uniform" and args.cross_init == "independent"
+        assert args.pos_init == "uniform" and args.cross_init == "independent" and args.optimizer == "adamw"
 
 
 def test_stage_errors_rebuilds_the_runs_own_map_and_splits_it_by_stage(tiny_run, tiny_category):

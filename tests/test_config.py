@@ -15,7 +15,7 @@ from adtr.errors import AdtrError
     ("warmup_fraction", 1.0, "--warmup-fraction"), ("warmup_fraction", -0.1, "--warmup-fraction"),
     ("grad_clip", -1.0, "--grad-clip"), ("val_fraction", 1.0, "--val-fraction"), ("patience", -1, "--patience"),
     ("max_minutes", -5.0, "--max-minutes"), ("checkpoint_seconds", -1.0, "--checkpoint-every"),
-    ("schedule", "cosine", "--schedule"),
+    ("schedule", "cosine", "--schedule"), ("optimizer", "sgd", "--optimizer"),
 ])
 def test_an_impossible_training_value_names_its_field_and_flag(field, value, flag):
     with pytest.raises(AdtrError, match=rf"train\.{field} \({flag}\) must be .*got {value}"):
@@ -26,6 +26,21 @@ def test_the_defaults_and_the_plus_defaults_pass_and_survive_a_round_trip():
     config = with_overrides(RunConfig(), "train", **PLUS_TRAIN_DEFAULTS)
     assert from_dict(to_dict(config)) == config
     TrainConfig(warmup_fraction=0.0, val_fraction=0.0, step_at=1.0, max_minutes=0.0)
+
+
+def test_a_run_saved_before_the_optimizer_option_resumes_with_adamw():
+    """Its last.pt holds AdamW's state, whatever today's default optimiser is."""
+    saved = to_dict(RunConfig())
+    del saved["train"]["optimizer"]
+    assert from_dict(saved).train.optimizer == "adamw"
+    assert from_dict({"model": saved["model"]}).train == TrainConfig()  # no train section: today's defaults
+
+
+def test_optimizer_from_the_cli():
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["fit", "good", "--out", "r", "--optimizer", "muon"])).train.optimizer \
+        == "muon"
+    assert config_from_args(parser.parse_args(["fit", "good", "--out", "r"])).train.optimizer == TrainConfig().optimizer
 
 
 def test_warmup_fraction_and_schedule_from_the_cli():

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from adtr import __version__
 from adtr.checkpoint import atomic_write_bytes
-from adtr.config import CROSS_INITS, ENGINES, POS_INITS, RECONSTRUCTORS, SCHEDULES, RunConfig, with_overrides
+from adtr.config import (CROSS_INITS, ENGINES, OPTIMIZERS, POS_INITS, RECONSTRUCTORS, SCHEDULES, RunConfig,
+                          with_overrides)
 from adtr.errors import AdtrError
 
 log = logging.getLogger("adtr")
@@ -107,7 +108,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                              neighbour_mask=args.neighbour_mask, jitter=args.jitter, pos_init=args.pos_init,
                              cross_init=args.cross_init, cells_per_token=args.cells_per_token)
     cfg = with_overrides(cfg, "train", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, schedule=args.schedule, step_at=args.step_at,
+                         weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
+                         step_at=args.step_at,
                          warmup_fraction=args.warmup_fraction,
                          grad_clip=args.grad_clip, val_fraction=args.val_fraction, seed=args.seed,
                          precision=args.precision, max_minutes=args.max_minutes, feature_cache=args.feature_cache,
@@ -442,7 +444,10 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-minutes", type=float, help="wall-clock budget; epochs are fitted to it (default none)")
     g.add_argument("--batch-size", type=int, help="default 8 (paper: 16)")
     g.add_argument("--lr", type=float, help="peak learning rate (default 5e-4; paper: 1e-4 with --schedule step)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 1e-4)")
+    g.add_argument("--weight-decay", type=float, help="decoupled weight decay (default 1e-4)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help="muon (default): Muon on the transformer's weight matrices, AdamW on the rest, one "
+                        "learning rate | adamw: the paper's")
     g.add_argument("--schedule", choices=SCHEDULES,
                    help="learning-rate schedule: warmup-stable-decay (default: the full rate until --step-at, then a "
                         "linear decay), warmup-cosine or step (the paper's)")

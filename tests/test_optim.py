@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from adtr import checkpoint as ckpt_io
+from adtr.config import ModelConfig, with_overrides
+from adtr.data import index_mvtec
+from adtr.engine import build_model, fit
+from adtr.optim import Muon, MuonAdamW, make_optimizer, orthogonalize
+
+from conftest import tiny_config
+
+
+def test_fused_adamw_takes_the_steps_of_the_reference_loop():
+    torch.manual_seed(0)
+    fused_net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    loop_net = copy.deepcopy(fused_net)
+    fused = make_optimizer(fused_net, 1e-2, 1e-4, torch.device("cpu"))
+    loop = torch.optim.AdamW(loop_net.parameters(), lr=1e-2, weight_decay=1e-4, foreach=False)
+    assert fused.defaults["fused"]
+    x = torch.randn(32, 8)
+    for _ in range(5):
+        for net, opt in ((fused_net, fused), (loop_net, loop)):
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(fused_net.parameters(), loop_net.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (128, 128)])
+def test_orthogonalize_flattens_the_spectrum(shape):
+    """Singular values spread over 2 decades come out in Muon's band around 1, directions kept."""
+    torch.manual_seed(0)
+    m, n = shape
+    u, _ = torch.linalg.qr(torch.randn(m, min(m, n)))
+    v, _ = torch.linalg.qr(torch.randn(n, min(m, n)))
+    s = torch.logspace(0, -2, min(m, n))
+    g = u @ torch.diag(s) @ v.T
+    out = orthogonalize(g)
+    sv = torch.linalg.svdvals(out)
+    assert sv.min() > 0.6 and sv.max() < 1.25
+    assert torch.linalg.svdvals(g).max() / torch.linalg.svdvals(g).min() > 50  # the input was far from it
+    # the same singular directions: U^T out V is close to diagonal
+    core = u.T @ out @ v
+    off = core - torch.diag(torch.diagonal(core))
+    assert off.abs().max() < 0.05
+
+
+def test_orthogonalize_batches_like_one_matrix_at_a_time():
+    g = torch.randn(5, 32, 96)
+    batched = orthogonalize(g)
+    single = torch.stack([orthogonalize(x) for x in g])
+    assert torch.allclose(batched, single, atol=1e-5)
+
+
+def test_muon_refuses_vectors():
+    with pytest.raises(ValueError, match="matrices only"):
+        Muon([torch.nn.Parameter(torch.zeros(4))], lr=1e-3)
+
+
+def test_muon_update_has_adamw_size_and_decays_weights():
+    """One step from zero momentum: RMS of the move is about 0.2 lr (the match_rms_adamw scale)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(256, 1024))
+    before = w.detach().clone()
+    opt = Muon([w], lr=1e-2, weight_decay=0.0)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    rms = (w.detach() - before).pow(2).mean().sqrt().item()
+    assert 0.15e-2 < rms < 0.25e-2
+    decayed = torch.nn.Parameter(torch.ones(8, 8))
+    opt = Muon([decayed], lr=0.1, weight_decay=0.5)
+    decayed.grad = torch.zeros_like(decayed)
+    opt.step()
+    assert torch.allclose(decayed.detach(), torch.full((8, 8), 0.95))
+
+
+def test_muon_adamw_splits_the_model():
+    """Muon takes exactly the transformer's weight matrices; AdamW everything else; the
+    engine's learning-rate setting reaches both."""
+    model = build_model(ModelConfig(num_encoder_layers=1, num_decoder_layers=1, dim=32, ffn_dim=64, num_heads=4), 24)
+    opt = make_optimizer(model, 1e-3, 1e-4, torch.device("cpu"), "muon")
+    assert isinstance(opt, MuonAdamW)
+    muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    adamw = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert muon.isdisjoint(adamw) and muon | adamw == set(names)
+    assert {names[i] for i in muon} == {n for n, p in model.named_parameters()
+                                       if n.startswith("transformer.") and n.endswith(".weight") and p.ndim == 2}
+    assert "pos_embed" in {names[i] for i in adamw}
+    for group in opt.param_groups:
+        group["lr"] = 0.5
+    assert opt.muon.param_groups[0]["lr"] == opt.adamw.param_groups[0]["lr"] == 0.5
+
+
+def test_muon_fit_resumes_like_an_uninterrupted_one(tiny_category, tmp_path):
+    """The optimiser's state (both halves) goes into last.pt and comes back."""
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    cfg = with_overrides(tiny_config(epochs=3, checkpoint_seconds=0.0), "train", optimizer="muon")
+    fit(cfg, samples, tmp_path / "full")
+
+    def stop_after_two(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, samples, tmp_path / "cut", on_epoch=stop_after_two)
+    assert set(ckpt_io.load_checkpoint(tmp_path / "cut" / "last.pt")["optimizer"]) == {"muon", "adamw"}
+    fit(cfg, samples, tmp_path / "cut", resume=True)
+    a = ckpt_io.load_checkpoint(tmp_path / "full" / "model.pt")["model"]
+    b = ckpt_io.load_checkpoint(tmp_path / "cut" / "model.pt")["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    adamw = ckpt_io.load_checkpoint(tmp_path / "full" / "model.pt")
+    assert adamw["config"]["train"]["optimizer"] == "muon"
+
+
+def test_the_gram_form_for_wide_matrices_equals_the_plain_iteration():
+    from adtr.optim import NEWTON_SCHULZ
+
+    a, b, c = NEWTON_SCHULZ
+    torch.manual_seed(0)
+    g = torch.randn(3, 32, 128, dtype=torch.float64)
+    x = g / g.norm(dim=(-2, -1), keepdim=True)
+    for _ in range(5):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    assert torch.allclose(orthogonalize(g, dtype=torch.float64), x, atol=1e-10)
+    assert torch.allclose(orthogonalize(g.mT, dtype=torch.float64), x.mT, atol=1e-10)  # tall: transposed
