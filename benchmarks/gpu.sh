@@ -15,8 +15,8 @@ mkdir -p "$OUT"
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
 start=$(date +%s.%N)
 # The paper's schedule: AdamW lr 1e-4, batch 16, 500 epochs, x0.1 after 400 (4/5), final epoch.
-$PY -m adtr.cli fit "$ROOT/bottle" --out "$RUN" --schedule step --lr 1e-4 --batch-size 16 --epochs "$EPOCHS" \
-    --select last --precision auto 2>&1 | tee "$OUT/gpu_fit.log"
+$PY -m adtr.cli fit "$ROOT/bottle" --out "$RUN" --optimizer adamw --schedule step --lr 1e-4 --batch-size 16 \
+    --epochs "$EPOCHS" --select last --precision auto 2>&1 | tee "$OUT/gpu_fit.log"
 fit_s=$(python3 -c "import time; print(round(time.time() - $start, 1))")
 $PY -m adtr.cli test "$RUN" --data "$ROOT/bottle" --out "$RUN/test" 2>&1 | tee -a "$OUT/gpu_fit.log"
 $PY - "$RUN" "$OUT" "$fit_s" "$EPOCHS" <<'PYEOF'

@@ -40,10 +40,11 @@ BUDGET_OPTIONS = ("epochs", "max_minutes")
 
 def changed_options(row: dict) -> dict[str, str]:
     """The row's model and training options that differ from today's defaults, budget aside.
-    Options a row's config does not name did not exist when it ran and are left out."""
+    Options a row's config does not name did not exist when it ran: left out, unless the
+    config knows what such runs used (``SAVED_BEFORE_THE_FIELD``, e.g. AdamW)."""
     import dataclasses
 
-    from adtr.config import ModelConfig, TrainConfig
+    from adtr.config import SAVED_BEFORE_THE_FIELD, ModelConfig, TrainConfig
 
     def plain(value):
         return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
@@ -51,6 +52,7 @@ def changed_options(row: dict) -> dict[str, str]:
     changed = {}
     for section, today in (("model", ModelConfig()), ("train", TrainConfig())):
         used = row.get("config", {}).get(section, {})
+        used = {**SAVED_BEFORE_THE_FIELD.get(section, {}), **used} if used else used
         for name, value in dataclasses.asdict(today).items():
             if name in used and name not in BUDGET_OPTIONS and plain(used[name]) != plain(value):
                 changed[name] = plain(used[name])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adtr.config import TrainConfig
 from adtr.data import ImageArray, save_cifar_pickle
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -129,9 +130,11 @@ def test_minutes_table_checks_the_10_minute_fit_against_the_40_minute_one():
     assert "| 0.2 | yes |" not in mixed
     assert "| 0123456789ab | stages=0 1 2 3 4 |" in mixed and "| 0123456789ab | defaults |" in mixed  # [1, 2, 3] is today's
     # Nor one trained otherwise; the budget itself (epochs, max_minutes) is what rows differ in.
-    batch2 = {"train": {"batch_size": 2, "epochs": 100000, "max_minutes": 10.0}}
+    optimizer = TrainConfig().optimizer  # a train section without it is read as saved before it existed
+    batch2 = {"train": {"batch_size": 2, "epochs": 100000, "max_minutes": 10.0, "optimizer": optimizer}}
     trained = minutes.markdown([{**row(10, 0.970, 0.950, 0.880), "config": batch2},
-                                {**row(40, 0.972, 0.952, 0.882), "config": {"train": {"epochs": 100000}}}])
+                                {**row(40, 0.972, 0.952, 0.882), "config": {"train": {"epochs": 100000,
+                                                                                      "optimizer": optimizer}}}])
     assert "| 0.2 | yes |" not in trained and "| 0123456789ab | batch_size=2 |" in trained
     # Nor is a 40-minute fit on another machine: the same minutes buy other numbers of epochs.
     elsewhere = minutes.markdown([{**row(10, 0.970, 0.950, 0.880), "machine": "AMD EPYC, AVX2, no fast bf16"},
@@ -188,3 +191,17 @@ def test_rows_name_the_cpu_its_vector_isa_and_whether_bf16_is_fast():
     text = load_script("provenance").machine_description()
     assert torch.backends.cpu.get_cpu_capability() in text
     assert text.endswith("no fast bf16") != bf16_is_fast(torch.device("cpu"))
+
+
+def test_minutes_rows_name_what_differs_from_todays_defaults():
+    """A row saved before an option existed shows what it used where the config knows it."""
+    import dataclasses
+
+    from adtr.config import RunConfig
+
+    minutes = load_script("minutes")
+    today = {"model": dataclasses.asdict(RunConfig().model), "train": dataclasses.asdict(RunConfig().train)}
+    assert minutes.changed_options({"config": today}) == {}
+    before_muon = {"model": today["model"], "train": {k: v for k, v in today["train"].items() if k != "optimizer"}}
+    assert minutes.changed_options({"config": before_muon}) == {"optimizer": "adamw"}
+    assert minutes.changed_options({"config": {**today, "train": {**today["train"], "lr": 1.0}}}) == {"lr": "1.0"}
