@@ -130,3 +130,11 @@ def test_the_gram_form_for_wide_matrices_equals_the_plain_iteration():
         x = a * x + (b * gram + c * gram @ gram) @ x
     assert torch.allclose(orthogonalize(g, dtype=torch.float64), x, atol=1e-10)
     assert torch.allclose(orthogonalize(g.mT, dtype=torch.float64), x.mT, atol=1e-10)  # tall: transposed
+
+
+def test_muon_leaves_a_model_without_transformer_matrices_to_adamw():
+    """Table 4's CNN reconstructor has convolutions only: Muon has nothing to take."""
+    model = build_model(ModelConfig(reconstructor="cnn", dim=32), 24)
+    opt = make_optimizer(model, 1e-3, 1e-4, torch.device("cpu"), "muon")
+    assert isinstance(opt, torch.optim.AdamW)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
