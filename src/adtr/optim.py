@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from adtr.config import OPTIMIZERS
+
 #: Coefficients of the quintic Newton-Schulz iteration, chosen by Muon's authors for the
 #: steepest slope at zero (singular values end in about [0.7, 1.2], not exactly 1).
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
@@ -146,8 +148,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: tor
     instead of a loop over 174 tensors (an optimiser step of the default model: 37 ms ->
     11 ms on 2 CPU cores, 8% of a training step).
     """
-    if name not in ("adamw", "muon"):
-        raise ValueError(f"unknown optimizer {name!r} (use adamw or muon)")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r} (use {', '.join(OPTIMIZERS)})")
     fused = (device.type in ("cpu", "cuda")) or None
     if name == "muon" and transformer_matrices(model):
         return MuonAdamW(model, lr, weight_decay, fused, torch.bfloat16 if device.type == "cuda" else torch.float32)
