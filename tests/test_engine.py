@@ -156,25 +156,38 @@ def test_budget_is_kept_when_the_machine_slows_down(tiny_category, tmp_path):
 def test_budget_replans_when_later_epochs_are_slower(tiny_category, tmp_path, monkeypatch):
     """A first epoch much faster than the rest (here: validation slows down from the second
     epoch on): re-planning over the first epochs fits the whole schedule into the budget, so
-    training ends with the learning rate decayed instead of being cut short by the budget."""
+    training ends with the learning rate decayed instead of being cut short by the budget.
+
+    The fit reads a virtual clock (1 ms per reading, 10 s per slow validation), so the
+    budget's arithmetic does not depend on how loaded the machine running the test is."""
+    import types
+
     import adtr.engine
+
+    clock = types.SimpleNamespace(now=0.0)
+
+    def perf_counter():
+        clock.now += 1e-3
+        return clock.now
 
     real_mean_loss, calls = adtr.engine.mean_loss, []
 
     def slow_after_the_first(*args, **kwargs):
         calls.append(1)
         if len(calls) > 1:
-            time.sleep(1.0)
+            clock.now += 10.0
         return real_mean_loss(*args, **kwargs)
 
+    monkeypatch.setattr(adtr.engine, "time", types.SimpleNamespace(perf_counter=perf_counter))
     monkeypatch.setattr(adtr.engine, "mean_loss", slow_after_the_first)
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
-    cfg = tiny_config(epochs=1000, max_minutes=15 / 60)
+    cfg = tiny_config(epochs=1000, max_minutes=125 / 60)
     result = fit(cfg, samples, tmp_path / "r")
+    # 10 s an epoch and 20 s kept for calibration: 11 epochs in 125 s.
     assert 2 <= result.epochs < 15
     # The schedule ran to its end: the last step's rate is the schedule's final one, below the
-    # peak. Planned from the first epoch alone, the budget would stop it at a third of its
-    # length, at the peak rate.
+    # peak. Planned from the first epoch alone (1000 epochs), the budget would stop it early,
+    # still warming up.
     tc = cfg.train
     steps_per_epoch = len(batch_order(len(split_train_val(samples, tc.val_fraction, tc.seed)[0]), tc.batch_size,
                                       tc.seed, 0))
