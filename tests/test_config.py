@@ -15,7 +15,7 @@ from adtr.errors import AdtrError
     ("warmup_fraction", 1.0, "--warmup-fraction"), ("warmup_fraction", -0.1, "--warmup-fraction"),
     ("grad_clip", -1.0, "--grad-clip"), ("val_fraction", 1.0, "--val-fraction"), ("patience", -1, "--patience"),
     ("max_minutes", -5.0, "--max-minutes"), ("checkpoint_seconds", -1.0, "--checkpoint-every"),
-    ("schedule", "cosine", "--schedule"), ("optimizer", "sgd", "--optimizer"),
+    ("schedule", "cosine", "--schedule"), ("optimizer", "sgd", "--optimizer"), ("muon_rms", 0.0, "--muon-rms"),
 ])
 def test_an_impossible_training_value_names_its_field_and_flag(field, value, flag):
     with pytest.raises(AdtrError, match=rf"train\.{field} \({flag}\) must be .*got {value}"):
@@ -41,6 +41,8 @@ def test_optimizer_from_the_cli():
     assert config_from_args(parser.parse_args(["fit", "good", "--out", "r", "--optimizer", "muon"])).train.optimizer \
         == "muon"
     assert config_from_args(parser.parse_args(["fit", "good", "--out", "r"])).train.optimizer == TrainConfig().optimizer
+    assert config_from_args(parser.parse_args(["fit", "good", "--out", "r", "--muon-rms", "0.4"])).train.muon_rms \
+        == 0.4
 
 
 def test_warmup_fraction_and_schedule_from_the_cli():

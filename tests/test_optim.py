@@ -79,6 +79,29 @@ def test_muon_update_has_adamw_size_and_decays_weights():
     assert torch.allclose(decayed.detach(), torch.full((8, 8), 0.95))
 
 
+def test_muon_rms_sets_the_update_size_and_old_states_keep_0_2():
+    """``rms`` scales the step (0.8: four times AdamW's size); an optimiser state saved before
+    the option existed loads with 0.2, the size it trained with."""
+    torch.manual_seed(0)
+    grad = torch.randn(256, 1024)
+    moves = {}
+    for rms in (0.2, 0.8):
+        w = torch.nn.Parameter(torch.zeros(256, 1024))
+        opt = Muon([w], lr=1e-2, rms=rms)
+        w.grad = grad.clone()
+        opt.step()
+        moves[rms] = w.detach().pow(2).mean().sqrt().item()
+    assert moves[0.8] == pytest.approx(4 * moves[0.2], rel=1e-5)
+    assert 0.6e-2 < moves[0.8] < 1.0e-2
+    old = opt.state_dict()
+    for group in old["param_groups"]:
+        del group["rms"]
+    w = torch.nn.Parameter(torch.zeros(256, 1024))
+    fresh = Muon([w], lr=1e-2, rms=0.8)
+    fresh.load_state_dict(old)
+    assert fresh.param_groups[0]["rms"] == 0.2
+
+
 def test_muon_adamw_splits_the_model():
     """Muon takes exactly the transformer's weight matrices; AdamW everything else; the
     engine's learning-rate setting reaches both."""

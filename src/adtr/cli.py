@@ -108,7 +108,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                              neighbour_mask=args.neighbour_mask, jitter=args.jitter, pos_init=args.pos_init,
                              cross_init=args.cross_init, cells_per_token=args.cells_per_token)
     cfg = with_overrides(cfg, "train", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, optimizer=args.optimizer, schedule=args.schedule,
+                         weight_decay=args.weight_decay, optimizer=args.optimizer, muon_rms=args.muon_rms,
+                         schedule=args.schedule,
                          step_at=args.step_at,
                          warmup_fraction=args.warmup_fraction,
                          grad_clip=args.grad_clip, val_fraction=args.val_fraction, seed=args.seed,
@@ -448,6 +449,9 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="muon (default): Muon on the transformer's weight matrices, AdamW on the rest, one "
                         "learning rate | adamw: the paper's")
+    g.add_argument("--muon-rms", type=float,
+                   help="RMS of a Muon update per unit of learning rate (default 0.2: AdamW's, so one rate "
+                        "serves both)")
     g.add_argument("--schedule", choices=SCHEDULES,
                    help="learning-rate schedule: warmup-stable-decay (default: the full rate until --step-at, then a "
                         "linear decay), warmup-cosine or step (the paper's)")

@@ -63,6 +63,7 @@ class TrainConfig:
     lr: float = 5e-4  # ours, after a linear warm-up (paper: 1e-4 with its step schedule)
     weight_decay: float = 1e-4  # paper
     optimizer: str = "muon"  # ours: Muon on the transformer's matrices, AdamW on the rest | adamw (paper)
+    muon_rms: float = 0.2  # RMS of a Muon update per unit of lr; 0.2 matches AdamW's (Liu et al., 2025)
     # warmup-stable-decay (ours: the most steps at the peak rate in a short budget) | warmup-cosine | step (paper)
     schedule: str = "warmup-stable-decay"
     step_at: float = 0.8  # fraction of training after which ``step`` divides lr by 10 (paper: 400/500) or WSD decays
@@ -87,6 +88,7 @@ class TrainConfig:
             ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}", "--schedule"),
             ("weight_decay", self.weight_decay >= 0, "0 or more", "--weight-decay"),
             ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}", "--optimizer"),
+            ("muon_rms", self.muon_rms > 0, "positive", "--muon-rms"),
             ("step_at", 0 < self.step_at <= 1, "in (0, 1]", "--step-at"),
             ("warmup_fraction", 0 <= self.warmup_fraction < 1, "in [0, 1)", "--warmup-fraction"),
             ("grad_clip", self.grad_clip >= 0, "0 (off) or more", "--grad-clip"),

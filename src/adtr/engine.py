@@ -472,7 +472,7 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
         model = build_model(mc, backbone.out_channels)
         model.set_feature_stats(train_feats)
     model.to(device)
-    opt = make_optimizer(model, tc.lr, tc.weight_decay, device, tc.optimizer)
+    opt = make_optimizer(model, tc.lr, tc.weight_decay, device, tc.optimizer, tc.muon_rms)
     history: list[dict[str, float]] = []
     # The model with the lowest held-out reconstruction error (Eq. 1 on good images only):
     # past it the transformer starts to memorise the training images and detection degrades.

@@ -60,20 +60,27 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters: Nesterov momentum, orthogonalised, scaled to AdamW's update size.
 
-    The scale ``0.2 sqrt(max(m, n))`` gives the update of an m x n matrix the root-mean-square
-    of a typical AdamW update (Liu et al., 2025, "Muon is scalable for LLM training"), so the
-    same learning rate and schedule serve both optimisers. Weight decay is decoupled, as in AdamW.
+    The scale ``rms sqrt(max(m, n))`` gives the update of an m x n matrix a root-mean-square of
+    ``rms`` x lr per entry; 0.2 is that of a typical AdamW update (Liu et al., 2025, "Muon is
+    scalable for LLM training"), so one learning rate and schedule serve both optimisers.
+    Weight decay is decoupled, as in AdamW.
     """
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float, weight_decay: float = 0.0,
-                 momentum: float = 0.95, ns_steps: int = 5, ns_dtype: torch.dtype = torch.float32) -> None:
+                 momentum: float = 0.95, ns_steps: int = 5, ns_dtype: torch.dtype = torch.float32,
+                 rms: float = 0.2) -> None:
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
-                                  "ns_steps": ns_steps})
+                                  "ns_steps": ns_steps, "rms": rms})
         self.ns_dtype = ns_dtype
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"Muon updates matrices only; got a parameter of shape {tuple(p.shape)}")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("rms", 0.2)  # optimiser states saved before the option: 0.2
 
     @torch.no_grad()
     def step(self) -> None:  # type: ignore[override]
@@ -91,7 +98,7 @@ class Muon(torch.optim.Optimizer):
                 by_shape[p.shape].append((p, p.grad.lerp(buf, beta)))  # Nesterov
             for shape, items in by_shape.items():
                 updates = orthogonalize(torch.stack([u for _, u in items]), group["ns_steps"], self.ns_dtype)
-                scale = 0.2 * math.sqrt(max(shape))
+                scale = group["rms"] * math.sqrt(max(shape))
                 for (p, _), update in zip(items, updates):
                     p.mul_(1 - lr * group["weight_decay"])
                     p.add_(update, alpha=-lr * scale)
@@ -111,11 +118,11 @@ class MuonAdamW:
     """
 
     def __init__(self, model: nn.Module, lr: float, weight_decay: float, fused: bool | None,
-                 ns_dtype: torch.dtype = torch.float32) -> None:
+                 ns_dtype: torch.dtype = torch.float32, muon_rms: float = 0.2) -> None:
         matrices = transformer_matrices(model)
         taken = {id(p) for p in matrices}
         rest = [p for p in model.parameters() if id(p) not in taken]
-        self.muon = Muon(matrices, lr=lr, weight_decay=weight_decay, ns_dtype=ns_dtype)
+        self.muon = Muon(matrices, lr=lr, weight_decay=weight_decay, ns_dtype=ns_dtype, rms=muon_rms)
         self.adamw = torch.optim.AdamW(rest, lr=lr, weight_decay=weight_decay, fused=fused)
 
     @property
@@ -139,8 +146,9 @@ class MuonAdamW:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device,
-                   name: str = "adamw") -> torch.optim.Optimizer | MuonAdamW:
-    """The optimiser ``name`` (``adamw`` or ``muon``) over all of ``model``'s parameters.
+                   name: str = "adamw", muon_rms: float = 0.2) -> torch.optim.Optimizer | MuonAdamW:
+    """The optimiser ``name`` (``adamw`` or ``muon``, whose matrix updates have an RMS of
+    ``muon_rms`` x lr) over all of ``model``'s parameters.
 
     A model without transformer matrices (Table 4's CNN reconstructor) gets AdamW alone.
 
@@ -152,5 +160,6 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: tor
         raise ValueError(f"unknown optimizer {name!r} (use {', '.join(OPTIMIZERS)})")
     fused = (device.type in ("cpu", "cuda")) or None
     if name == "muon" and transformer_matrices(model):
-        return MuonAdamW(model, lr, weight_decay, fused, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        return MuonAdamW(model, lr, weight_decay, fused, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                         muon_rms)
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
