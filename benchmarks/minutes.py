@@ -41,7 +41,8 @@ BUDGET_OPTIONS = ("epochs", "max_minutes")
 def changed_options(row: dict) -> dict[str, str]:
     """The row's model and training options that differ from today's defaults, budget aside.
     Options a row's config does not name did not exist when it ran: left out, unless the
-    config knows what such runs used (``SAVED_BEFORE_THE_FIELD``, e.g. AdamW)."""
+    config knows what such runs used (``SAVED_BEFORE_THE_FIELD``, e.g. AdamW). Muon's step size
+    is left out of AdamW rows."""
     import dataclasses
 
     from adtr.config import SAVED_BEFORE_THE_FIELD, ModelConfig, TrainConfig
@@ -56,6 +57,8 @@ def changed_options(row: dict) -> dict[str, str]:
         for name, value in dataclasses.asdict(today).items():
             if name in used and name not in BUDGET_OPTIONS and plain(used[name]) != plain(value):
                 changed[name] = plain(used[name])
+    if changed.get("optimizer") == "adamw":
+        changed.pop("muon_rms", None)  # no Muon in the fit
     return changed
 
 

@@ -130,11 +130,12 @@ def test_minutes_table_checks_the_10_minute_fit_against_the_40_minute_one():
     assert "| 0.2 | yes |" not in mixed
     assert "| 0123456789ab | stages=0 1 2 3 4 |" in mixed and "| 0123456789ab | defaults |" in mixed  # [1, 2, 3] is today's
     # Nor one trained otherwise; the budget itself (epochs, max_minutes) is what rows differ in.
-    optimizer = TrainConfig().optimizer  # a train section without it is read as saved before it existed
-    batch2 = {"train": {"batch_size": 2, "epochs": 100000, "max_minutes": 10.0, "optimizer": optimizer}}
+    # (A train section without the optimiser fields is read as saved before they existed.)
+    optimizer = {"optimizer": TrainConfig().optimizer, "muon_rms": TrainConfig().muon_rms}
+    batch2 = {"train": {"batch_size": 2, "epochs": 100000, "max_minutes": 10.0, **optimizer}}
     trained = minutes.markdown([{**row(10, 0.970, 0.950, 0.880), "config": batch2},
                                 {**row(40, 0.972, 0.952, 0.882), "config": {"train": {"epochs": 100000,
-                                                                                      "optimizer": optimizer}}}])
+                                                                                      **optimizer}}}])
     assert "| 0.2 | yes |" not in trained and "| 0123456789ab | batch_size=2 |" in trained
     # Nor is a 40-minute fit on another machine: the same minutes buy other numbers of epochs.
     elsewhere = minutes.markdown([{**row(10, 0.970, 0.950, 0.880), "machine": "AMD EPYC, AVX2, no fast bf16"},
@@ -202,6 +203,9 @@ def test_minutes_rows_name_what_differs_from_todays_defaults():
     minutes = load_script("minutes")
     today = {"model": dataclasses.asdict(RunConfig().model), "train": dataclasses.asdict(RunConfig().train)}
     assert minutes.changed_options({"config": today}) == {}
-    before_muon = {"model": today["model"], "train": {k: v for k, v in today["train"].items() if k != "optimizer"}}
-    assert minutes.changed_options({"config": before_muon}) == {"optimizer": "adamw"}
+    before_muon = {"model": today["model"], "train": {k: v for k, v in today["train"].items()
+                                                      if k not in ("optimizer", "muon_rms")}}
+    assert minutes.changed_options({"config": before_muon}) == {"optimizer": "adamw"}  # no Muon step size
+    before_rms = {"model": today["model"], "train": {k: v for k, v in today["train"].items() if k != "muon_rms"}}
+    assert minutes.changed_options({"config": before_rms}) == {"muon_rms": "0.2"}
     assert minutes.changed_options({"config": {**today, "train": {**today["train"], "lr": 1.0}}}) == {"lr": "1.0"}

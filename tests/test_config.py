@@ -33,6 +33,9 @@ def test_a_run_saved_before_the_optimizer_option_resumes_with_adamw():
     saved = to_dict(RunConfig())
     del saved["train"]["optimizer"]
     assert from_dict(saved).train.optimizer == "adamw"
+    del saved["train"]["muon_rms"]
+    muon = {**saved, "train": {**saved["train"], "optimizer": "muon"}}
+    assert from_dict(muon).train.muon_rms == 0.2  # Muon runs saved before --muon-rms: AdamW's size
     assert from_dict({"model": saved["model"]}).train == TrainConfig()  # no train section: today's defaults
 
 

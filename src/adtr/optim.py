@@ -58,7 +58,7 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D parameters: Nesterov momentum, orthogonalised, scaled to AdamW's update size.
+    """Muon for 2-D parameters: Nesterov momentum, orthogonalised, scaled to a multiple of AdamW's update size.
 
     The scale ``rms sqrt(max(m, n))`` gives the update of an m x n matrix a root-mean-square of
     ``rms`` x lr per entry; 0.2 is that of a typical AdamW update (Liu et al., 2025, "Muon is
