@@ -82,6 +82,15 @@ def interrupt_after_epoch_two(cfg, samples, run):
         fit(cfg, samples, run, on_epoch=stop_after_two)
 
 
+def test_fit_trains_with_the_configured_muon_step(tiny_category, tmp_path):
+    """``--muon-rms`` reaches the optimiser whose state ``last.pt`` keeps for a resume."""
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    cfg = tiny_config(epochs=4, checkpoint_seconds=0.0, optimizer="muon", muon_rms=0.5)
+    interrupt_after_epoch_two(cfg, samples, tmp_path / "cut")
+    state = ckpt_io.load_checkpoint(tmp_path / "cut" / "last.pt")["optimizer"]
+    assert [group["rms"] for group in state["muon"]["param_groups"]] == [0.5]
+
+
 @pytest.mark.parametrize("checkpoint_seconds, saved_epoch", [(0.0, 1), (3600.0, 0)])
 def test_resume_after_interruption_matches_uninterrupted(tiny_category, tmp_path, checkpoint_seconds, saved_epoch):
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
