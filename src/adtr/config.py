@@ -166,8 +166,12 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+#: RMS of a typical AdamW update per unit of learning rate (Liu et al., 2025): the size of
+#: a Muon update before ``--muon-rms``, and the default of ``adtr.optim.Muon``.
+ADAMW_UPDATE_RMS = 0.2
+
 #: What runs saved before a field existed used, where that differs from today's default.
-SAVED_BEFORE_THE_FIELD = {"train": {"optimizer": "adamw", "muon_rms": 0.2}}
+SAVED_BEFORE_THE_FIELD = {"train": {"optimizer": "adamw", "muon_rms": ADAMW_UPDATE_RMS}}
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adtr.config import OPTIMIZERS
+from adtr.config import ADAMW_UPDATE_RMS, OPTIMIZERS
 
 #: Coefficients of the quintic Newton-Schulz iteration, chosen by Muon's authors for the
 #: steepest slope at zero (singular values end in about [0.7, 1.2], not exactly 1).
@@ -68,7 +68,7 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float, weight_decay: float = 0.0,
                  momentum: float = 0.95, ns_steps: int = 5, ns_dtype: torch.dtype = torch.float32,
-                 rms: float = 0.2) -> None:
+                 rms: float = ADAMW_UPDATE_RMS) -> None:
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum,
                                   "ns_steps": ns_steps, "rms": rms})
         self.ns_dtype = ns_dtype
@@ -80,7 +80,7 @@ class Muon(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            group.setdefault("rms", 0.2)  # optimiser states saved before the option: 0.2
+            group.setdefault("rms", ADAMW_UPDATE_RMS)  # optimiser states saved before the option
 
     @torch.no_grad()
     def step(self) -> None:  # type: ignore[override]
@@ -118,7 +118,7 @@ class MuonAdamW:
     """
 
     def __init__(self, model: nn.Module, lr: float, weight_decay: float, fused: bool | None,
-                 ns_dtype: torch.dtype = torch.float32, muon_rms: float = 0.2) -> None:
+                 ns_dtype: torch.dtype = torch.float32, muon_rms: float = ADAMW_UPDATE_RMS) -> None:
         matrices = transformer_matrices(model)
         taken = {id(p) for p in matrices}
         rest = [p for p in model.parameters() if id(p) not in taken]
@@ -146,7 +146,7 @@ class MuonAdamW:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device,
-                   name: str = "adamw", muon_rms: float = 0.2) -> torch.optim.Optimizer | MuonAdamW:
+                   name: str = "adamw", muon_rms: float = ADAMW_UPDATE_RMS) -> torch.optim.Optimizer | MuonAdamW:
     """The optimiser ``name`` (``adamw`` or ``muon``, whose matrix updates have an RMS of
     ``muon_rms`` x lr) over all of ``model``'s parameters.
 
