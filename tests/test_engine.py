@@ -375,11 +375,15 @@ def test_runs_saved_with_the_blocks_past_the_last_stage_still_load(tiny_category
 
 def test_compiled_training_takes_the_eager_steps(tiny_category, tmp_path, caplog):
     """``--compile``: the same losses and weights as eager training, within float tolerance
-    (jitter off: Inductor draws its own random numbers); the ragged last batch runs eagerly."""
+    (jitter off: Inductor draws its own random numbers); the ragged last batch runs eagerly.
+
+    In fp32 on every machine: ``--precision auto`` picks bf16 where it is fast (AMX), and there
+    the compiled and eager steps round differently, about 2% apart in some weights after two
+    epochs, with either optimiser."""
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
     # A one-layer model: compilation time grows with the graph, and the mechanics are the same.
-    no_jitter = with_overrides(tiny_config(epochs=2), "model", jitter=0.0, dim=64, num_heads=4, ffn_dim=128,
-                               num_encoder_layers=1, num_decoder_layers=1)
+    no_jitter = with_overrides(tiny_config(epochs=2, precision="fp32"), "model", jitter=0.0, dim=64, num_heads=4,
+                               ffn_dim=128, num_encoder_layers=1, num_decoder_layers=1)
     eager = fit(no_jitter, samples, tmp_path / "eager")
     with caplog.at_level("INFO", logger="adtr.engine"):
         compiled = fit(with_overrides(no_jitter, "train", compile=True), samples, tmp_path / "compiled")
