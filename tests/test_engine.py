@@ -334,26 +334,33 @@ def test_pixel_target_run(tiny_category, tmp_path):
     assert det.predict(samples[0].image).anomaly_map.shape == (64, 64)
 
 
+def loss_and_gradient(model: torch.nn.Module, forward, feats: torch.Tensor,
+                      precision: str) -> tuple[float, torch.Tensor]:
+    """One training step's loss and the model's whole gradient as one vector (``forward``: the
+    model itself or a compiled graph of it)."""
+    from adtr.models.adtr import reconstruction_loss
+
+    model.zero_grad(set_to_none=True)
+    with autocast(precision, torch.device("cpu")):
+        loss = reconstruction_loss(forward(feats))
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
 def test_bf16_training_step_matches_fp32():
     """The training fast path (bf16 autocast, default on AMX CPUs and GPUs) against fp32:
     same loss to 2% and gradients pointing the same way (cosine > 0.99) at the paper's sizes."""
-    from adtr.models.adtr import ADTR, reconstruction_loss
+    from adtr.models.adtr import ADTR
 
     torch.manual_seed(0)
     model = ADTR(64, 16, dropout=0.0)
     feats = torch.randn(4, 64, 16, 16) * 3 + 1
     model.set_feature_stats(feats)
-    grads, losses = [], []
-    for precision in ("fp32", "bf16"):
-        model.zero_grad()
-        with autocast(precision, torch.device("cpu")):
-            loss = reconstruction_loss(model(feats))
-        loss.backward()
-        losses.append(loss.item())
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
-    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
-    assert losses[0] != losses[1]  # bf16 really ran
+    ref_loss, ref_grad = loss_and_gradient(model, model, feats, "fp32")
+    loss, grad = loss_and_gradient(model, model, feats, "bf16")
+    assert loss == pytest.approx(ref_loss, rel=2e-2)
+    assert torch.nn.functional.cosine_similarity(ref_grad, grad, dim=0) > 0.99
+    assert loss != ref_loss  # bf16 really ran
 
 
 def test_runs_saved_with_the_blocks_past_the_last_stage_still_load(tiny_category, tmp_path):
@@ -406,7 +413,7 @@ def test_compiled_bf16_training_step_matches_eager_fp32():
     against the fp32 reference, with the tolerance of the eager bf16 step: the same loss to 2%
     and gradients pointing the same way (cosine > 0.99)."""
     from adtr.engine import TrainingForward
-    from adtr.models.adtr import ADTR, reconstruction_loss
+    from adtr.models.adtr import ADTR
 
     torch.manual_seed(0)
     # One layer each, as in the compiled-fit test above: compilation time grows with the graph.
@@ -414,20 +421,11 @@ def test_compiled_bf16_training_step_matches_eager_fp32():
                  dropout=0.0, pos_init="normal").train()
     feats = torch.randn(4, 64, 16, 16) * 3 + 1
     model.set_feature_stats(feats)
-    cpu = torch.device("cpu")
-
-    def step(forward, precision: str) -> tuple[float, torch.Tensor]:
-        model.zero_grad(set_to_none=True)
-        with autocast(precision, cpu):
-            loss = reconstruction_loss(forward(feats))
-        loss.backward()
-        return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-    ref_loss, ref_grad = step(model, "fp32")
+    ref_loss, ref_grad = loss_and_gradient(model, model, feats, "fp32")
     compiled = TrainingForward(model, batch_size=len(feats))
-    compiled.prepare(feats, "bf16", cpu)
+    compiled.prepare(feats, "bf16", torch.device("cpu"))
     assert compiled.graph is not None, "torch.compile failed on this machine"
-    loss, grad = step(compiled, "bf16")
+    loss, grad = loss_and_gradient(model, compiled, feats, "bf16")
     assert loss == pytest.approx(ref_loss, rel=2e-2)
     assert torch.nn.functional.cosine_similarity(ref_grad, grad, dim=0) > 0.99
     assert loss != ref_loss  # bf16 really ran
