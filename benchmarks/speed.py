@@ -207,7 +207,7 @@ def main() -> None:
     from adtr.models.adtr import reconstruction_loss
     from adtr.postprocess import image_score, pixel_anomaly_map
 
-    from adtr.engine import TrainingForward, bf16_is_fast, default_device, make_optimizer
+    from adtr.engine import TrainingForward, bf16_is_fast, default_device, make_optimizer, newton_schulz_dtype
 
     cpu = default_device()  # the device everything below runs on: CUDA when present
     fast_bf16 = bf16_is_fast(cpu)
@@ -266,9 +266,11 @@ def main() -> None:
     train = {}
     batch = feats32[: cfg.train.batch_size]
     model.train()
-    opt = make_optimizer(model, 1e-6, cfg.train.weight_decay, cpu, cfg.train.optimizer)  # fit's optimiser
+    opts = {p: make_optimizer(model, 1e-6, cfg.train.weight_decay, cpu, cfg.train.optimizer, cfg.train.muon_rms,
+                              newton_schulz_dtype(p, cpu)) for p in precisions}  # fit's optimiser at each precision
 
     def step(precision, forward=model):
+        opt = opts[precision]
         with autocast(precision, cpu):
             loss = reconstruction_loss(forward(batch))
         opt.zero_grad(set_to_none=True)

@@ -10,8 +10,8 @@ from adtr import checkpoint as ckpt_io
 from adtr.config import RunConfig, TrainConfig, plus_config, with_overrides
 from adtr.data import Sample, index_mvtec
 from adtr.detector import Detector
-from adtr.engine import (autocast, batch_order, fit, lr_factor, replan_epochs, resolve_precision, restore_networks,
-                         split_train_val)
+from adtr.engine import (autocast, batch_order, bf16_is_fast, fit, lr_factor, newton_schulz_dtype, replan_epochs,
+                         resolve_precision, restore_networks, split_train_val)
 from adtr.errors import AdtrError
 
 from conftest import tiny_config
@@ -143,6 +143,14 @@ def test_precision_resolution():
     assert resolve_precision("auto", cpu) in ("fp32", "bf16")
     with pytest.raises(AdtrError, match="unknown precision"):
         autocast("fp16x", cpu)
+
+
+def test_muon_orthogonalizes_in_the_training_precision():
+    """bf16 Newton-Schulz only where training runs in bf16; fp32 stays the reference throughout."""
+    cpu = torch.device("cpu")
+    assert newton_schulz_dtype("fp32", cpu) == torch.float32
+    assert newton_schulz_dtype("bf16", cpu) == torch.bfloat16
+    assert newton_schulz_dtype("auto", cpu) == (torch.bfloat16 if bf16_is_fast(cpu) else torch.float32)
 
 
 def test_time_budget_limits_epochs(tiny_category, tmp_path):

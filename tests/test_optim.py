@@ -57,6 +57,26 @@ def test_orthogonalize_batches_like_one_matrix_at_a_time():
     assert torch.allclose(batched, single, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(256, 256), (256, 1024), (1024, 256)])
+def test_orthogonalize_in_bf16_matches_fp32(shape):
+    """The fast path where training runs in bf16 (Newton-Schulz in bf16) against the fp32
+    reference, on the default model's matrix shapes: the same update direction (cosine >
+    0.999; 0.9996 or more on a real fit's momenta) and the same size (2%)."""
+    torch.manual_seed(0)
+    g = torch.randn(2, *shape) @ torch.diag(torch.logspace(0, -2, shape[1]))  # uneven spectrum, like a gradient
+    ref, fast = orthogonalize(g), orthogonalize(g, dtype=torch.bfloat16)
+    assert fast.dtype == torch.float32 and not torch.equal(fast, ref)  # bf16 really ran
+    cosine = torch.nn.functional.cosine_similarity(fast.flatten(1), ref.flatten(1), dim=1)
+    assert cosine.min() > 0.999
+    assert torch.allclose(fast.norm(dim=(1, 2)), ref.norm(dim=(1, 2)), rtol=0.02)
+
+
+def test_make_optimizer_orthogonalizes_in_the_dtype_asked():
+    model = build_model(ModelConfig(num_encoder_layers=1, num_decoder_layers=1, dim=32, ffn_dim=64, num_heads=4), 24)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert make_optimizer(model, 1e-3, 1e-4, torch.device("cpu"), "muon", ns_dtype=dtype).muon.ns_dtype == dtype
+
+
 def test_muon_refuses_vectors():
     with pytest.raises(ValueError, match="matrices only"):
         Muon([torch.nn.Parameter(torch.zeros(4))], lr=1e-3)

@@ -146,9 +146,10 @@ class MuonAdamW:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device,
-                   name: str = "adamw", muon_rms: float = ADAMW_UPDATE_RMS) -> torch.optim.Optimizer | MuonAdamW:
+                   name: str = "adamw", muon_rms: float = ADAMW_UPDATE_RMS,
+                   ns_dtype: torch.dtype = torch.float32) -> torch.optim.Optimizer | MuonAdamW:
     """The optimiser ``name`` (``adamw`` or ``muon``, whose matrix updates have an RMS of
-    ``muon_rms`` x lr) over all of ``model``'s parameters.
+    ``muon_rms`` x lr, orthogonalised in ``ns_dtype``) over all of ``model``'s parameters.
 
     A model without transformer matrices (Table 4's CNN reconstructor) gets AdamW alone.
 
@@ -160,6 +161,5 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: tor
         raise ValueError(f"unknown optimizer {name!r} (use {', '.join(OPTIMIZERS)})")
     fused = (device.type in ("cpu", "cuda")) or None
     if name == "muon" and transformer_matrices(model):
-        return MuonAdamW(model, lr, weight_decay, fused, torch.bfloat16 if device.type == "cuda" else torch.float32,
-                         muon_rms)
+        return MuonAdamW(model, lr, weight_decay, fused, ns_dtype, muon_rms)
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
