@@ -60,8 +60,8 @@ def test_orthogonalize_batches_like_one_matrix_at_a_time():
 @pytest.mark.parametrize("shape", [(256, 256), (256, 1024), (1024, 256)])
 def test_orthogonalize_in_bf16_matches_fp32(shape):
     """The fast path where training runs in bf16 (Newton-Schulz in bf16) against the fp32
-    reference, on the default model's matrix shapes: the same update direction (cosine >
-    0.999; 0.9996 or more on a real fit's momenta) and the same size (2%)."""
+    reference, on the default model's matrix shapes and a full-rank momentum: the same
+    update direction (cosine > 0.999) and the same size (2%)."""
     torch.manual_seed(0)
     g = torch.randn(2, *shape) @ torch.diag(torch.logspace(0, -2, shape[1]))  # uneven spectrum, like a gradient
     ref, fast = orthogonalize(g), orthogonalize(g, dtype=torch.bfloat16)
@@ -76,7 +76,7 @@ def test_orthogonalize_in_bf16_matches_fp32(shape):
 def test_orthogonalize_keeps_a_low_rank_momentum_in_the_band(shape, dtype):
     """A momentum of rank 2 plus noise, as on a plateau early in training: no singular value
     of the update may leave Muon's band, in either precision. (The Gram form in bf16 made
-    such an update 60-100 times too large and a grid fit diverged.)"""
+    such an update 60-100 times too large, and a grid fit with it stalled.)"""
     torch.manual_seed(0)
     low_rank = torch.randn(shape[0], 2) @ torch.randn(2, shape[1])
     g = low_rank + 1e-3 * low_rank.std() * torch.randn(shape)
