@@ -18,7 +18,7 @@ import torch
 
 from adtr.config import RunConfig
 from adtr.data import ImageDataset, index_mvtec
-from adtr.engine import autocast, batch_order, build_backbone, build_model, make_optimizer, resolve_precision
+from adtr.engine import autocast, batch_order, build_backbone, build_model, fit_optimizer, resolve_precision
 from adtr.features import extract_features
 from adtr.models.adtr import reconstruction_loss
 
@@ -47,7 +47,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(mc, backbone.out_channels)
         model.set_feature_stats(feats)
-        opt = make_optimizer(model, tc.lr, tc.weight_decay, device, tc.optimizer)  # fit's optimiser
+        opt = fit_optimizer(model, tc, device)
         t = time.perf_counter()
         for idx in batch_order(len(samples), tc.batch_size, 0, 0):
             if use_cache:

@@ -207,7 +207,7 @@ def main() -> None:
     from adtr.models.adtr import reconstruction_loss
     from adtr.postprocess import image_score, pixel_anomaly_map
 
-    from adtr.engine import TrainingForward, bf16_is_fast, default_device, make_optimizer, newton_schulz_dtype
+    from adtr.engine import TrainingForward, bf16_is_fast, default_device, fit_optimizer
 
     cpu = default_device()  # the device everything below runs on: CUDA when present
     fast_bf16 = bf16_is_fast(cpu)
@@ -266,8 +266,7 @@ def main() -> None:
     train = {}
     batch = feats32[: cfg.train.batch_size]
     model.train()
-    opts = {p: make_optimizer(model, 1e-6, cfg.train.weight_decay, cpu, cfg.train.optimizer, cfg.train.muon_rms,
-                              newton_schulz_dtype(p, cpu)) for p in precisions}  # fit's optimiser at each precision
+    opts = {p: fit_optimizer(model, cfg.train, cpu, lr=1e-6, precision=p) for p in precisions}  # fit's, per precision
 
     def step(precision, forward=model):
         opt = opts[precision]

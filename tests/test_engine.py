@@ -10,9 +10,10 @@ from adtr import checkpoint as ckpt_io
 from adtr.config import RunConfig, TrainConfig, plus_config, with_overrides
 from adtr.data import Sample, index_mvtec
 from adtr.detector import Detector
-from adtr.engine import (autocast, batch_order, bf16_is_fast, fit, lr_factor, newton_schulz_dtype, replan_epochs,
-                         resolve_precision, restore_networks, split_train_val)
+from adtr.engine import (autocast, batch_order, bf16_is_fast, build_model, fit, fit_optimizer, lr_factor,
+                         newton_schulz_dtype, replan_epochs, resolve_precision, restore_networks, split_train_val)
 from adtr.errors import AdtrError
+from adtr.optim import MuonAdamW
 
 from conftest import tiny_config
 
@@ -151,6 +152,23 @@ def test_muon_orthogonalizes_in_the_training_precision():
     assert newton_schulz_dtype("fp32", cpu) == torch.float32
     assert newton_schulz_dtype("bf16", cpu) == torch.bfloat16
     assert newton_schulz_dtype("auto", cpu) == (torch.bfloat16 if bf16_is_fast(cpu) else torch.float32)
+
+
+def test_fit_optimizer_takes_every_setting_from_the_train_config():
+    """fit, its epoch estimate and the benchmarks build the optimiser here: a setting dropped on the
+    way (as feature_cache.py once dropped muon_rms and the Newton-Schulz precision) fails this."""
+    cpu = torch.device("cpu")
+    model = build_model(tiny_config().model, 8)
+    tc = with_overrides(tiny_config(), "train", lr=3e-4, weight_decay=2e-3, muon_rms=0.5, precision="fp32").train
+    opt = fit_optimizer(model, tc, cpu)
+    assert isinstance(opt, MuonAdamW) and opt.muon.ns_dtype == torch.float32
+    for inner in (opt.muon, opt.adamw):
+        assert {(g["lr"], g["weight_decay"]) for g in inner.param_groups} == {(3e-4, 2e-3)}
+    assert {g["rms"] for g in opt.muon.param_groups} == {0.5}
+    probe = fit_optimizer(model, tc, cpu, lr=0.0, precision="bf16")
+    assert probe.muon.ns_dtype == torch.bfloat16 and probe.muon.param_groups[0]["lr"] == 0.0
+    adamw = fit_optimizer(model, with_overrides(tiny_config(), "train", optimizer="adamw", lr=3e-4).train, cpu)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["lr"] == 3e-4
 
 
 def test_time_budget_limits_epochs(tiny_category, tmp_path):

@@ -34,7 +34,7 @@ from adtr.features import extract_features
 from adtr.losses import image_push_pull_loss, pixel_push_pull_loss, pseudo_huber_map
 from adtr.models.adtr import ADTR, RECONSTRUCTORS, ADTROutput, reconstruction_loss
 from adtr.models.backbone import FrozenBackbone, PixelPatches
-from adtr.optim import make_optimizer
+from adtr.optim import MuonAdamW, make_optimizer
 from adtr.postprocess import image_score, pixel_anomaly_map, pixel_quantile_threshold, quantile_threshold
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,17 @@ def newton_schulz_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if resolve_precision(precision, device) == "bf16" else torch.float32
 
 
+def fit_optimizer(model: ADTR, cfg: TrainConfig, device: torch.device, lr: float | None = None,
+                  precision: str | None = None) -> torch.optim.Optimizer | MuonAdamW:
+    """The optimiser `fit` trains ``model`` with, built from ``cfg`` in one place so that the
+    epoch estimate and the benchmarks time the same one (``lr`` and ``precision`` override
+    ``cfg``'s, for a throwaway probe and for timing each precision).
+    """
+    precision = cfg.precision if precision is None else precision
+    return make_optimizer(model, cfg.lr if lr is None else lr, cfg.weight_decay, device, cfg.optimizer,
+                          cfg.muon_rms, newton_schulz_dtype(precision, device))
+
+
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
     """Shuffled batches for one epoch, a pure function of (seed, epoch) so resume is exact."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -226,8 +237,7 @@ def estimate_epochs(model: ADTR, feats: torch.Tensor, cfg: TrainConfig, device: 
     if cfg.max_minutes <= 0:
         return cfg.epochs
     probe = copy.deepcopy(model).train()
-    opt = make_optimizer(probe, 0.0, 0.0, device, cfg.optimizer, cfg.muon_rms,
-                         newton_schulz_dtype(cfg.precision, device))
+    opt = fit_optimizer(probe, cfg, device, lr=0.0)  # lr 0: the probe's steps change nothing
     bs = min(cfg.batch_size, len(feats))
     times = []
     for _ in range(3):
@@ -481,8 +491,7 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
         model = build_model(mc, backbone.out_channels)
         model.set_feature_stats(train_feats)
     model.to(device)
-    opt = make_optimizer(model, tc.lr, tc.weight_decay, device, tc.optimizer, tc.muon_rms,
-                         newton_schulz_dtype(tc.precision, device))
+    opt = fit_optimizer(model, tc, device)
     history: list[dict[str, float]] = []
     # The model with the lowest held-out reconstruction error (Eq. 1 on good images only):
     # past it the transformer starts to memorise the training images and detection degrades.
