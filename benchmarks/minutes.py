@@ -7,12 +7,17 @@ the full fit + test + timing record. ``--max-minutes`` budgets the training epoc
 on a few steps first); the wall time of the whole fit, features and calibration
 included, is what the table reports. Rows are merged into ``NAME.json`` (``--name``,
 default ``minutes``) as they finish and ``NAME.md`` is rewritten each time.
+
+One fit is one draw: ``--seeds 0 1 2`` repeats each budget with those training seeds and the
+table adds the spread across them (mean, sample standard deviation, range); ``--merge`` takes
+in rows measured before, from other files of this benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +67,19 @@ def changed_options(row: dict) -> dict[str, str]:
     return changed
 
 
+def seed_of(row: dict) -> int:
+    """The training seed a row's fit used (0, the default, for rows that do not record it)."""
+    return int(row.get("config", {}).get("train", {}).get("seed", 0))
+
+
+def same_fit_recipe(row: dict) -> tuple:
+    """What must match for two rows to be draws of one recipe: machine, model and every
+    training option but the seed and the budget."""
+    options = {k: v for k, v in changed_options(row).items() if k != "seed"}
+    return (row.get("machine"), json.dumps(row.get("config", {}).get("model"), sort_keys=True),
+            json.dumps(options, sort_keys=True))
+
+
 def run_options(row: dict) -> str:
     """``changed_options`` as a table cell (``defaults`` when none differ)."""
     return ", ".join(f"{k}={v}" for k, v in changed_options(row).items()) or "defaults"
@@ -70,7 +88,8 @@ def run_options(row: dict) -> str:
 def markdown(rows: list[dict]) -> str:
     lines = ["| category | budget (min) | epochs | selected epoch | fit wall (s) | threads | image AUROC | pixel AUROC "
              "| AUPRO | commit | options (vs today's defaults) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["category"], r["budget_minutes"])):
+    keys = ("image_auroc", "pixel_auroc", "aupro")
+    for r in sorted(rows, key=lambda r: (r["category"], r["budget_minutes"], seed_of(r))):
         selected = r.get("selected_epoch", "")  # absent in rows recorded before it was added
         lines.append(f"| {r['category']} | {r['budget_minutes']:g} | {r['epochs']} | {selected} | {r['fit_seconds']:.0f} | "
                      f"{r['threads']} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | "
@@ -78,23 +97,43 @@ def markdown(rows: list[dict]) -> str:
     # Target (issue 4): a 10-minute fit within 0.3 points of what 4x the budget reaches.
     check = ["| category | 10 min (image / pixel / AUPRO) | 40 min | largest shortfall (points) | within 0.3 |",
              "|---|---|---|---|---|"]
-    for cat in sorted({r["category"] for r in rows}):
-        by = {r["budget_minutes"]: r for r in rows if r["category"] == cat}
+    for cat, seed in sorted({(r["category"], seed_of(r)) for r in rows}):
+        by = {r["budget_minutes"]: r for r in rows if (r["category"], seed_of(r)) == (cat, seed)}
         # Only fits of the same model on the same machine compare (a default changed between
         # them otherwise, or the 10 minutes bought another number of epochs).
         if (10 in by and 40 in by and changed_options(by[10]) == changed_options(by[40])
                 and by[10].get("config", {}).get("model") == by[40].get("config", {}).get("model")
                 and by[10].get("machine") == by[40].get("machine")):
-            keys = ("image_auroc", "pixel_auroc", "aupro")
             short = max(100 * (by[40][k] - by[10][k]) for k in keys)
             fmt = lambda r: " / ".join(f"{r[k]:.3f}" for k in keys)  # noqa: E731
-            check.append(f"| {cat} | {fmt(by[10])} | {fmt(by[40])} | {short:.1f} | {'yes' if short <= 0.3 else 'no'} |")
+            name = cat if seed == 0 else f"{cat} (seed {seed})"
+            check.append(f"| {name} | {fmt(by[10])} | {fmt(by[40])} | {short:.1f} | {'yes' if short <= 0.3 else 'no'} |")
+    # Fit-to-fit spread: the same recipe and budget with several seeds.
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["category"], r["budget_minutes"], same_fit_recipe(r)), []).append(r)
+    spread = []
+    for (cat, budget, _), draws in sorted(groups.items(), key=lambda g: g[0][:2]):
+        if len({seed_of(r) for r in draws}) < 2:
+            continue
+        cells = []
+        for k in keys:
+            values = [r[k] for r in draws]
+            cells.append(f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} "
+                         f"({min(values):.3f}-{max(values):.3f})")
+        seeds = ", ".join(str(s) for s in sorted(seed_of(r) for r in draws))
+        spread.append(f"| {cat} | {budget:g} | {seeds} | " + " | ".join(cells) + " |")
+    if spread:
+        spread = ["Spread across seeds (mean ± sample standard deviation, range):", "",
+                  "| category | budget (min) | seeds | image AUROC | pixel AUROC | AUPRO |",
+                  "|---|---|---|---|---|---|", *spread]
     machines = sorted({r.get("machine", "not recorded") for r in rows})
     return ("# Quality per minute of training budget\n\n`adtr fit --max-minutes M` (the budget covers feature "
             "caching, training and calibration), metrics on the test split; the last column names the "
             "model and training options that differ from the defaults of the code that renders this table. "
             f"Machine: {'; '.join(machines)}.\n\n"
-            + "\n".join(lines) + "\n\n" + "\n".join(check) + "\n")
+            + "\n".join(lines) + "\n\n" + "\n".join(check) + "\n"
+            + ("\n" + "\n".join(spread) + "\n" if spread else ""))
 
 
 def main() -> None:
@@ -104,24 +143,41 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, nargs="+", default=[1, 2, 5, 10, 20, 40])
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default="minutes", help="output file stem (default minutes)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="fit each budget once per training seed")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[],
+                        help="rows of earlier runs (this benchmark's JSON files) to take in, for --categories and --minutes")
     parser.add_argument("--render", action="store_true", help="only rewrite NAME.md from NAME.json")
     args, extra = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = args.out / f"{args.name}.json", args.out / f"{args.name}.md"
     rows = json.loads(json_path.read_text()) if json_path.exists() else []
-    if args.render:
+
+    def key(r: dict) -> tuple:
+        return r["category"], r["budget_minutes"], seed_of(r)
+
+    def add(new: list[dict]) -> list[dict]:
+        keep = {key(r) for r in new}
+        return [r for r in rows if key(r) not in keep] + new
+
+    for path in args.merge:
+        rows = add([r for r in json.loads(path.read_text())
+                    if r["category"] in args.categories and r["budget_minutes"] in args.minutes])
+    if args.merge:
+        json_path.write_text(json.dumps(rows, indent=2) + "\n")
+    if args.render or (args.merge and args.root is None):
         md_path.write_text(markdown(rows))
         print(md_path.read_text())
         return
     if args.root is None:
         parser.error("--root is required")
+    seeds = [["--seed", str(s)] for s in args.seeds] if args.seeds else [[]]
     for category in args.categories:
         for minutes in args.minutes:
-            print(f"== {category}, {minutes:g} min", flush=True)
-            row = run(args.root, category, minutes, extra)
-            rows = [r for r in rows if (r["category"], r["budget_minutes"]) != (category, minutes)] + [row]
-            json_path.write_text(json.dumps(rows, indent=2) + "\n")
-            md_path.write_text(markdown(rows))
+            for seed in seeds:
+                print(f"== {category}, {minutes:g} min {' '.join(seed)}", flush=True)
+                rows = add([run(args.root, category, minutes, [*extra, *seed])])
+                json_path.write_text(json.dumps(rows, indent=2) + "\n")
+                md_path.write_text(markdown(rows))
     print(md_path.read_text())
 
 

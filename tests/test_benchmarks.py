@@ -143,6 +143,27 @@ def test_minutes_table_checks_the_10_minute_fit_against_the_40_minute_one():
     assert "| 0.2 | yes |" not in elsewhere and "Machine: AMD EPYC, AVX2, no fast bf16; Intel Xeon" in elsewhere
 
 
+def test_minutes_table_gives_the_spread_of_one_recipe_across_seeds():
+    import dataclasses
+
+    minutes = load_script("minutes")
+    today = dataclasses.asdict(TrainConfig())
+
+    def row(seed, budget, image, machine="AMD EPYC", lr=None):
+        train = {**today, "seed": seed, **({"lr": lr} if lr else {})}
+        return {"category": "grid", "budget_minutes": budget, "epochs": 31, "fit_seconds": 600.0, "threads": 2,
+                "image_auroc": image, "pixel_auroc": 0.98, "aupro": 0.94, "commit": "0123456789abcdef",
+                "machine": machine, "config": {"train": train}}
+
+    text = minutes.markdown([row(0, 10, 0.990), row(1, 10, 0.994), row(2, 10, 0.986), row(0, 40, 0.991)])
+    assert "| grid | 10 | 0, 1, 2 | 0.9900 ± 0.0040 (0.986-0.994) | 0.9800 ± 0.0000 (0.980-0.980) |" in text
+    assert "| grid | 0.990 / 0.980 / 0.940 | 0.991 / 0.980 / 0.940 | 0.1 | yes |" in text  # seed 0 against seed 0
+    assert "| grid (seed 1)" not in text  # no 40-minute fit with seed 1 to hold it against
+    # Draws of another recipe or on another machine do not pool; one seed has no spread.
+    apart = minutes.markdown([row(0, 10, 0.990), row(1, 10, 0.994, machine="Intel Xeon"), row(2, 10, 0.986, lr=1.0)])
+    assert "Spread across seeds" not in apart
+
+
 def test_speed_table_on_a_tiny_run_leaves_out_skipped_rows(tiny_run, tmp_path):
     """benchmarks/speed.py end to end (eager rows, training step); --skip leaves out and says so."""
     subprocess.run([sys.executable, str(BENCH / "speed.py"), "--run", str(tiny_run), "--batches", "1", "2",
