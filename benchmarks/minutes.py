@@ -23,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from adtr.checkpoint import atomic_write_bytes
 from provenance import short_commit  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
@@ -159,13 +160,17 @@ def main() -> None:
         keep = {key(r) for r in new}
         return [r for r in rows if key(r) not in keep] + new
 
+    def save(rows: list[dict]) -> None:
+        """Hours of fits live in these files: a crash mid-write must leave the old ones whole."""
+        atomic_write_bytes((json.dumps(rows, indent=2) + "\n").encode(), json_path)
+        atomic_write_bytes(markdown(rows).encode(), md_path)
+
     for path in args.merge:
         rows = add([r for r in json.loads(path.read_text())
                     if r["category"] in args.categories and r["budget_minutes"] in args.minutes])
-    if args.merge:
-        json_path.write_text(json.dumps(rows, indent=2) + "\n")
+    if args.render or args.merge:
+        save(rows)
     if args.render or (args.merge and args.root is None):
-        md_path.write_text(markdown(rows))
         print(md_path.read_text())
         return
     if args.root is None:
@@ -176,8 +181,7 @@ def main() -> None:
             for seed in seeds:
                 print(f"== {category}, {minutes:g} min {' '.join(seed)}", flush=True)
                 rows = add([run(args.root, category, minutes, [*extra, *seed])])
-                json_path.write_text(json.dumps(rows, indent=2) + "\n")
-                md_path.write_text(markdown(rows))
+                save(rows)
     print(md_path.read_text())
 
 

@@ -164,6 +164,24 @@ def test_minutes_table_gives_the_spread_of_one_recipe_across_seeds():
     assert "Spread across seeds" not in apart
 
 
+def test_minutes_merges_earlier_runs_by_category_budget_and_seed(tmp_path):
+    def row(seed, budget, image):
+        return {"category": "grid", "budget_minutes": budget, "epochs": 31, "fit_seconds": 600.0, "threads": 2,
+                "image_auroc": image, "pixel_auroc": 0.98, "aupro": 0.94, "commit": "0123456789abcdef",
+                "config": {"train": {"seed": seed}}}
+
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps([row(0, 10, 0.990), row(0, 20, 0.991), row(1, 10, 0.980)]))
+    second.write_text(json.dumps([row(1, 10, 0.994), row(2, 10, 0.986)]))  # seed 1 measured again
+    subprocess.run([sys.executable, str(BENCH / "minutes.py"), "--categories", "grid", "--minutes", "10",
+                    "--name", "seeds", "--out", str(tmp_path), "--merge", str(first), str(second)],
+                   check=True, capture_output=True)
+    rows = json.loads((tmp_path / "seeds.json").read_text())
+    assert sorted((r["config"]["train"]["seed"], r["image_auroc"]) for r in rows) == [(0, 0.99), (1, 0.994), (2, 0.986)]
+    assert "| grid | 10 | 0, 1, 2 | 0.9900 ± 0.0040 (0.986-0.994) |" in (tmp_path / "seeds.md").read_text()
+    assert not list(tmp_path.glob(".*.tmp"))  # written through a temporary file, none left behind
+
+
 def test_speed_table_on_a_tiny_run_leaves_out_skipped_rows(tiny_run, tmp_path):
     """benchmarks/speed.py end to end (eager rows, training step); --skip leaves out and says so."""
     subprocess.run([sys.executable, str(BENCH / "speed.py"), "--run", str(tiny_run), "--batches", "1", "2",
