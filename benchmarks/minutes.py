@@ -108,7 +108,7 @@ def markdown(rows: list[dict]) -> str:
             short = max(100 * (by[40][k] - by[10][k]) for k in keys)
             fmt = lambda r: " / ".join(f"{r[k]:.3f}" for k in keys)  # noqa: E731
             name = cat if seed == 0 else f"{cat} (seed {seed})"
-            check.append(f"| {name} | {fmt(by[10])} | {fmt(by[40])} | {short:.1f} | {'yes' if short <= 0.3 else 'no'} |")
+            check.append(f"| {name} | {fmt(by[10])} | {fmt(by[40])} | {short:.2f} | {'yes' if short <= 0.3 else 'no'} |")
     # Fit-to-fit spread: the same recipe and budget with several seeds.
     groups: dict[tuple, list[dict]] = {}
     for r in rows:

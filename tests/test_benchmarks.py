@@ -118,16 +118,16 @@ def test_minutes_table_checks_the_10_minute_fit_against_the_40_minute_one():
 
     close = minutes.markdown([row(10, 0.970, 0.950, 0.880, selected=39), row(40, 0.972, 0.952, 0.882)])
     assert "| grid | 10 | 40 | 39 | 600 | 2 | 0.970 | 0.950 | 0.880 | 0123456789ab | defaults |" in close
-    assert "| 0.2 | yes |" in close
+    assert "| 0.20 | yes |" in close
     dirty = minutes.markdown([{**row(10, 0.970, 0.950, 0.880), "commit": "0123456789abcdef+uncommitted"}])
     assert "| 0123456789ab+uncommitted | defaults |" in dirty  # code that differed from its commit says so
     far = minutes.markdown([row(10, 0.967, 0.949, 0.877), row(40, 0.977, 0.954, 0.888)])
-    assert "| 1.1 | no |" in far
+    assert "| 1.10 | no |" in far
     # A 40-minute fit of another model (a default changed in between) is no reference.
     five, three = {"model": {"stages": [0, 1, 2, 3, 4]}}, {"model": {"stages": [1, 2, 3]}}
     mixed = minutes.markdown([{**row(10, 0.970, 0.950, 0.880), "config": three},
                               {**row(40, 0.972, 0.952, 0.882), "config": five}])
-    assert "| 0.2 | yes |" not in mixed
+    assert "| 0.20 | yes |" not in mixed
     assert "| 0123456789ab | stages=0 1 2 3 4 |" in mixed and "| 0123456789ab | defaults |" in mixed  # [1, 2, 3] is today's
     # Nor one trained otherwise; the budget itself (epochs, max_minutes) is what rows differ in.
     # (A train section without the optimiser fields is read as saved before they existed.)
@@ -136,11 +136,11 @@ def test_minutes_table_checks_the_10_minute_fit_against_the_40_minute_one():
     trained = minutes.markdown([{**row(10, 0.970, 0.950, 0.880), "config": batch2},
                                 {**row(40, 0.972, 0.952, 0.882), "config": {"train": {"epochs": 100000,
                                                                                       **optimizer}}}])
-    assert "| 0.2 | yes |" not in trained and "| 0123456789ab | batch_size=2 |" in trained
+    assert "| 0.20 | yes |" not in trained and "| 0123456789ab | batch_size=2 |" in trained
     # Nor is a 40-minute fit on another machine: the same minutes buy other numbers of epochs.
     elsewhere = minutes.markdown([{**row(10, 0.970, 0.950, 0.880), "machine": "AMD EPYC, AVX2, no fast bf16"},
                                   {**row(40, 0.972, 0.952, 0.882), "machine": "Intel Xeon, AVX512, fast bf16"}])
-    assert "| 0.2 | yes |" not in elsewhere and "Machine: AMD EPYC, AVX2, no fast bf16; Intel Xeon" in elsewhere
+    assert "| 0.20 | yes |" not in elsewhere and "Machine: AMD EPYC, AVX2, no fast bf16; Intel Xeon" in elsewhere
 
 
 def test_minutes_table_gives_the_spread_of_one_recipe_across_seeds():
@@ -157,7 +157,7 @@ def test_minutes_table_gives_the_spread_of_one_recipe_across_seeds():
 
     text = minutes.markdown([row(0, 10, 0.990), row(1, 10, 0.994), row(2, 10, 0.986), row(0, 40, 0.991)])
     assert "| grid | 10 | 0, 1, 2 | 0.9900 ± 0.0040 (0.986-0.994) | 0.9800 ± 0.0000 (0.980-0.980) |" in text
-    assert "| grid | 0.990 / 0.980 / 0.940 | 0.991 / 0.980 / 0.940 | 0.1 | yes |" in text  # seed 0 against seed 0
+    assert "| grid | 0.990 / 0.980 / 0.940 | 0.991 / 0.980 / 0.940 | 0.10 | yes |" in text  # seed 0 against seed 0
     assert "| grid (seed 1)" not in text  # no 40-minute fit with seed 1 to hold it against
     # Draws of another recipe or on another machine do not pool; one seed has no spread.
     apart = minutes.markdown([row(0, 10, 0.990), row(1, 10, 0.994, machine="Intel Xeon"), row(2, 10, 0.986, lr=1.0)])
