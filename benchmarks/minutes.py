@@ -102,9 +102,7 @@ def markdown(rows: list[dict]) -> str:
         by = {r["budget_minutes"]: r for r in rows if (r["category"], seed_of(r)) == (cat, seed)}
         # Only fits of the same model on the same machine compare (a default changed between
         # them otherwise, or the 10 minutes bought another number of epochs).
-        if (10 in by and 40 in by and changed_options(by[10]) == changed_options(by[40])
-                and by[10].get("config", {}).get("model") == by[40].get("config", {}).get("model")
-                and by[10].get("machine") == by[40].get("machine")):
+        if 10 in by and 40 in by and same_fit_recipe(by[10]) == same_fit_recipe(by[40]):
             short = max(100 * (by[40][k] - by[10][k]) for k in keys)
             fmt = lambda r: " / ".join(f"{r[k]:.3f}" for k in keys)  # noqa: E731
             name = cat if seed == 0 else f"{cat} (seed {seed})"
