@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from adtr.calibrate import apply_mode, calibrate
+from adtr.calibrate import active_expected_fpr, apply_mode, calibrate, describe_expected_fpr
 from adtr.checkpoint import load_checkpoint
 from adtr.cli import main
 from adtr.data import index_mvtec
 from adtr.detector import Detector
 from adtr.errors import AdtrError
-from adtr.postprocess import f1_optimal_threshold, normalize_scores, pixel_quantile_threshold
+from adtr.postprocess import expected_fpr, f1_optimal_threshold, normalize_scores, pixel_quantile_threshold
 
 
 def test_f1_optimal_threshold_by_hand():
@@ -30,6 +30,20 @@ def test_f1_optimal_threshold_by_hand():
     assert thr == pytest.approx(0.3)
     with pytest.raises(ValueError):
         f1_optimal_threshold(np.array([0.1, 0.2]), np.array([1, 1]))
+
+
+def test_the_expected_fpr_belongs_to_the_target_fpr_threshold_only():
+    cal = {"mode": "fpr", "threshold": 2.0, "threshold_fpr": 2.0, "pixel_threshold": 1.0,
+           "target_fpr": 0.01, "val_images": 21, "threshold_f1": 3.0}
+    assert active_expected_fpr(cal) == expected_fpr(21, 0.01)
+    line = describe_expected_fpr(cal)
+    assert "about 5.5%" in line and "from 21 held-out good images" in line and "--val-fraction" in line
+    # Enough held-out images for the target: the numbers, no advice.
+    assert "--val-fraction" not in describe_expected_fpr({**cal, "val_images": 1000})
+    # An F1-optimal threshold, or none held out: nothing to promise.
+    assert active_expected_fpr(apply_mode(cal, "f1")) is None
+    assert describe_expected_fpr({**cal, "val_images": 0}) is None
+    assert describe_expected_fpr({k: v for k, v in cal.items() if k != "val_images"}) is None
 
 
 def test_normalized_scores_put_the_threshold_at_one_half():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from PIL import Image
 
 from adtr import checkpoint as ckpt_io
 from adtr.cli import main
+from adtr.postprocess import expected_fpr
 
 from conftest import TINY_FIT_ARGS
 
@@ -41,6 +43,11 @@ def test_fit_test_predict(tiny_run, tiny_category, tmp_path, capsys):
     for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "fpr_at_threshold"):
         assert 0.0 <= metrics["metrics"][key] <= 1.0
     assert set(metrics["per_type"]) == {"crack", "hole", "scratch", "spot"}
+    # The FPR measured on the test set sits beside what the held-out calibration expects of it.
+    cal = ckpt_io.load_checkpoint(tiny_run / "model.pt")["calibration"]
+    expected = metrics["expected_fpr"]
+    assert expected == dataclasses.asdict(expected_fpr(cal["val_images"], cal["target_fpr"]))
+    assert f"from {cal['val_images']} held-out good images" in capsys.readouterr().out
     out = tmp_path / "p"
     assert main(["predict", str(tiny_run), str(tiny_category / "test" / "good"),
                  str(tiny_category / "test" / "hole" / "*.png"), "--out", str(out)]) == 0

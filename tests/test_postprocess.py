@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from adtr.postprocess import gaussian_blur, image_score, pixel_anomaly_map, quantile_threshold
+from adtr.postprocess import expected_fpr, gaussian_blur, image_score, pixel_anomaly_map, quantile_threshold
 
 
 @pytest.mark.parametrize("sigma", [1.0, 4.0])
@@ -56,6 +56,32 @@ def test_quantile_threshold():
     scores = torch.arange(101, dtype=torch.float32)
     assert quantile_threshold(scores, 0.01) == pytest.approx(99.0)
     assert quantile_threshold(torch.empty(0), 0.01) == float("inf")
+
+
+@pytest.mark.parametrize("n, target", [(21, 0.01), (26, 0.01), (99, 0.01), (50, 0.1)])
+def test_expected_fpr_matches_simulated_held_out_sets(n, target):
+    """Draw many held-out sets, set quantile_threshold on each and measure its true FPR."""
+    rate = expected_fpr(n, target)
+    g = torch.Generator().manual_seed(n)
+    trials = 20_000
+    uniform = torch.rand(trials, n, generator=g, dtype=torch.float64)
+    per_set = torch.tensor([quantile_threshold(s, target) for s in uniform[:200]], dtype=torch.float64)
+    batched = torch.quantile(uniform, 1.0 - target, dim=1)
+    assert torch.allclose(per_set, batched[:200])  # the batched draw is quantile_threshold's
+    fpr = 1.0 - batched  # uniform scores: P(new good score > t) = 1 - t
+    assert float(fpr.mean()) == pytest.approx(rate.expected, abs=4 * float(fpr.std()) / trials ** 0.5)
+    assert rate.expected > target  # the interpolated quantile overshoots the target by about 1/(n+1)
+    # The interval holds whatever the score distribution: exponential scores, P(score > t) = exp(-t).
+    fpr = torch.exp(-torch.quantile(-torch.log(uniform), 1.0 - target, dim=1))
+    inside = ((fpr >= rate.low) & (fpr <= rate.high)).double().mean()
+    assert float(inside) >= rate.confidence - 0.01
+    # ... and is no wider than it must be: each end is the exact tail of the order statistic on its side.
+    ordered = uniform.sort(dim=1).values
+    below = int((1.0 - target) * (n - 1))
+    tail = (1 - rate.confidence) / 2
+    assert float((1.0 - ordered[:, below + 1] < rate.low).double().mean()) == pytest.approx(tail, abs=0.006)
+    assert float((1.0 - ordered[:, below] > rate.high).double().mean()) == pytest.approx(tail, abs=0.006)
+    assert expected_fpr(0, target) is None
 
 
 def test_separable_pooling_equals_2d_box_average():

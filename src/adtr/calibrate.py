@@ -18,7 +18,7 @@ from typing import Any
 from adtr import checkpoint as ckpt_io
 from adtr.data import Sample
 from adtr.errors import AdtrError
-from adtr.postprocess import f1_optimal_threshold
+from adtr.postprocess import ExpectedFpr, expected_fpr, f1_optimal_threshold
 
 MODES = ("fpr", "f1")
 
@@ -69,6 +69,28 @@ def confetti_f1_calibration(good_images: Sequence[Path], run: Path, seed: int = 
     pthr, pf1 = f1_optimal_threshold(np.concatenate(maps).ravel(), np.concatenate(masks).ravel())
     return {"threshold_f1": thr, "f1_image": f1, "pixel_threshold_f1": pthr, "f1_pixel": pf1,
             "f1_images": 2 * len(good_images), "f1_source": "confetti"}
+
+
+def active_expected_fpr(calibration: dict[str, Any]) -> ExpectedFpr | None:
+    """What the active image threshold promises for new good images, when it is the target-FPR
+    one of held-out good images (None after ``--mode f1``, or without held-out images)."""
+    if calibration.get("mode", "fpr") != "fpr" or "val_images" not in calibration:
+        return None
+    return expected_fpr(int(calibration["val_images"]), float(calibration["target_fpr"]))
+
+
+def describe_expected_fpr(calibration: dict[str, Any]) -> str | None:
+    """One line for the CLI: the false-positive rate to expect on new good images, and the
+    advice to hold out more good images where the held-out set is too small for the target."""
+    rate = active_expected_fpr(calibration)
+    if rate is None:
+        return None
+    n, target = int(calibration["val_images"]), float(calibration["target_fpr"])
+    line = (f"new good images exceed it about {rate.expected:.1%} of the time ({rate.confidence:.0%} interval "
+            f"{rate.low:.1%}-{rate.high:.1%}): a {target:.1%} target from {n} held-out good images")
+    if rate.expected > 2 * target:
+        line += "; hold out more good images (--val-fraction) for a rate nearer the target"
+    return line
 
 
 def apply_mode(calibration: dict[str, Any], mode: str) -> dict[str, Any]:

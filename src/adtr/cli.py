@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import glob
 import io
 import json
@@ -174,6 +175,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     anomalies = load_anomalies(config)
     result = fit(config, samples, Path(args.out), resume=args.resume, anomalies=anomalies)
     print(f"fitted {result.epochs} epochs in {result.seconds:.0f} s; image threshold {result.threshold:.4f}")
+    print_expected_fpr(result.calibration)
     print(f"run saved to {Path(args.out) / 'model.pt'}")
     return 0
 
@@ -228,11 +230,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_expected_fpr(calibration: dict) -> None:
+    from adtr.calibrate import describe_expected_fpr
+
+    line = describe_expected_fpr(calibration)
+    if line is not None:
+        print(f"  {line}")
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     det, samples, res = evaluate_run(args)
     out = Path(args.out) if args.out else Path(args.run) / "test"
     with staged_outputs(out) as stage:  # metrics.json and report.html land together or not at all
-        write_json({"metrics": res.metrics, "per_type": res.per_type, "threshold": det.threshold},
+        rate = det.expected_fpr  # what held-out calibration expects of the FPR measured here
+        write_json({"metrics": res.metrics, "per_type": res.per_type, "threshold": det.threshold,
+                    "expected_fpr": None if rate is None else dataclasses.asdict(rate)},
                    stage / "metrics.json")
         if not args.no_report:
             write_html_report(args, det, samples, res, stage / "report.html")
@@ -241,6 +253,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     print(f"image AUROC {fmt(m['image_auroc'])}  pixel AUROC {fmt(m['pixel_auroc'])}  AUPRO {fmt(m['aupro'])}  "
           f"F1-max {fmt(m['image_f1_max'])}")
     print(f"at threshold {det.threshold:.4f}: FPR {fmt(m['fpr_at_threshold'])}  FNR {fmt(m['fnr_at_threshold'])}")
+    print_expected_fpr(det.calibration)
     for t, pm in res.per_type.items():
         print(f"  {t:<24} image AUROC {fmt(pm['image_auroc'])}  pixel AUROC {fmt(pm['pixel_auroc'])}  "
               f"AUPRO {fmt(pm['aupro'])}  FNR {fmt(pm['fnr_at_threshold'])}")

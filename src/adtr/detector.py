@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from adtr import checkpoint as ckpt_io
+from adtr.calibrate import active_expected_fpr
 from adtr.config import ENGINES, RunConfig
 from adtr.data.images import image_to_tensor, read_image, to_rgb
 from adtr.engine import default_device, resolve_precision, restore_networks
 from adtr.errors import AdtrError
 from adtr.export import ScoringModel
 from adtr.models.adtr import ADTRDetector
-from adtr.postprocess import normalize_scores
+from adtr.postprocess import ExpectedFpr, normalize_scores
 
 if TYPE_CHECKING:
     from adtr.compiled import CompiledScorer
@@ -131,6 +132,12 @@ class Detector:
     def threshold(self) -> float:
         """The active image threshold (target-FPR by default, F1-optimal after ``adtr calibrate --mode f1``)."""
         return float(self.calibration["threshold"])
+
+    @property
+    def expected_fpr(self) -> ExpectedFpr | None:
+        """The false-positive rate on new good images that the active threshold promises (see
+        :func:`adtr.postprocess.expected_fpr`); None when it is not the held-out target-FPR one."""
+        return active_expected_fpr(self.calibration)
 
     @property
     def pixel_threshold(self) -> float:

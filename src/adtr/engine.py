@@ -17,7 +17,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +225,7 @@ class FitResult:
     history: list[dict[str, float]]
     threshold: float
     selected_epoch: int
+    calibration: dict[str, Any] = field(default_factory=dict)  # as saved in model.pt
 
 
 def estimate_epochs(model: ADTR, feats: torch.Tensor, cfg: TrainConfig, device: torch.device,
@@ -639,7 +640,7 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
     last_path.unlink(missing_ok=True)
     if cache.exists():
         cache.unlink()
-    return FitResult(run_dir, len(history), seconds, history, threshold, selected_epoch)
+    return FitResult(run_dir, len(history), seconds, history, threshold, selected_epoch, calibration)
 
 
 def fpr_calibration(val_maps: torch.Tensor, val_scores: torch.Tensor, target_fpr: float) -> dict[str, Any]:
