@@ -159,6 +159,11 @@ def test_minutes_table_gives_the_spread_of_one_recipe_across_seeds():
     assert "| grid | 10 | 0, 1, 2 | 0.9900 ± 0.0040 (0.986-0.994) | 0.9800 ± 0.0000 (0.980-0.980) |" in text
     assert "| grid | 0.990 / 0.980 / 0.940 | 0.991 / 0.980 / 0.940 | 0.10 | yes |" in text  # seed 0 against seed 0
     assert "| grid (seed 1)" not in text  # no 40-minute fit with seed 1 to hold it against
+    assert "mean of" not in text  # one 40-minute seed: no mean to hold the 10-minute mean against
+    # Several seeds at both budgets: the means are checked too (another recipe's fits stay out).
+    text = minutes.markdown([row(0, 10, 0.990), row(1, 10, 0.994), row(2, 10, 0.986), row(0, 40, 0.991),
+                             row(1, 40, 0.999), row(2, 40, 0.900, lr=1.0)])
+    assert "| grid, mean of 3 and 2 seeds | 0.9900 / 0.9800 / 0.9400 | 0.9950 / 0.9800 / 0.9400 | 0.50 | no |" in text
     # Draws of another recipe or on another machine do not pool; one seed has no spread.
     apart = minutes.markdown([row(0, 10, 0.990), row(1, 10, 0.994, machine="Intel Xeon"), row(2, 10, 0.986, lr=1.0)])
     assert "Spread across seeds" not in apart
