@@ -127,6 +127,9 @@ def test_adtr_test_writes_a_complete_self_contained_report(run, tiny_category, t
     assert f"<td>image-score threshold</td><td>{thr:.4f}</td>" in text
     assert f"<td>FPR obtained on the test set</td><td>{m['fpr_at_threshold']:.4f} (" in text
     assert f"<td>FNR obtained on the test set</td><td>{m['fnr_at_threshold']:.4f} (" in text
+    rate = saved["expected_fpr"]
+    assert (f"<td>FPR expected from the calibration</td><td>{rate['expected']:.4f} (90% interval "
+            f"{rate['low']:.4f}-{rate['high']:.4f}") in text
     good = [c for c in tags.captions if re.match(r"#\d+ good / ", c)]
     bad = [c for c in tags.captions if re.match(r"#\d+ (crack|hole|scratch|spot) / ", c)]
     assert sorted(c.split(" / ")[1].split("score")[0] for c in good) == [f"00{i}.png" for i in range(4)]

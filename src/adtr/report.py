@@ -32,6 +32,7 @@ from adtr.data import Sample, image_to_tensor, read_image, read_mask
 from adtr.errors import AdtrError
 from adtr.evaluate import EvalResult
 from adtr.metrics import pixel_roc_curve, pro_curve, roc_curve
+from adtr.postprocess import ExpectedFpr
 from adtr.visualize import overlay_panel, tensor_to_uint8
 
 if TYPE_CHECKING:
@@ -56,6 +57,15 @@ pre{background:#f6f6f6;padding:.6em;overflow:auto}
 """
 
 
+def expected_fpr_row(rate: ExpectedFpr | None) -> str:
+    """The FPR that the held-out calibration promised, beside the one obtained (empty without one)."""
+    if rate is None:
+        return ""
+    return (f"<tr><td>FPR expected from the calibration</td><td>{rate.expected:.4f} ({rate.confidence:.0%} "
+            f"interval {rate.low:.4f}-{rate.high:.4f}: the threshold is a quantile of few held-out "
+            f"good images)</td></tr>")
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """What the report says about the run; :meth:`from_detector` fills it from a loaded run."""
@@ -65,6 +75,7 @@ class RunInfo:
     image_size: int  # model input side: maps and gallery panels are at this size
     config: dict[str, Any] = field(default_factory=dict)  # the run's config, shown in full
     details: dict[str, str] = field(default_factory=dict)  # extra "label: value" rows (paths, calibration)
+    expected_fpr: ExpectedFpr | None = None  # what the held-out calibration promises (target-FPR threshold only)
 
     @classmethod
     def from_detector(cls, detector: Detector, run: str | Path, data: str | Path | None = None,
@@ -94,7 +105,7 @@ class RunInfo:
         if math.isfinite(cal.get("pixel_threshold", math.inf)):
             details["pixel threshold"] = f"{cal['pixel_threshold']:.4f} (not used by the image metrics)"
         name = run.parent.name if run.is_file() else run.resolve().name
-        return cls(name, detector.threshold, detector.image_size, to_dict(cfg), details)
+        return cls(name, detector.threshold, detector.image_size, to_dict(cfg), details, detector.expected_fpr)
 
 
 def esc(value: Any) -> str:
@@ -305,6 +316,7 @@ def render_report(result: EvalResult, run: RunInfo, samples: Sequence[Sample], t
         f"({n_fp} of {n_good} good images above the threshold)</td></tr>"
         f"<tr><td>FNR obtained on the test set</td><td>{fmt(m['fnr_at_threshold'])} "
         f"({n_fn} of {n_bad} defective images at or below it)</td></tr>"
+        f"{expected_fpr_row(run.expected_fpr)}"
         f"<tr><td>image AUROC</td><td>{fmt(m['image_auroc'])}</td></tr>"
         f"<tr><td>pixel AUROC</td><td>{fmt(m['pixel_auroc'])}</td></tr>"
         f"<tr><td>AUPRO</td><td>{fmt(m['aupro'])}</td></tr></table>",
