@@ -86,10 +86,20 @@ def run_options(row: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in changed_options(row).items()) or "defaults"
 
 
+#: The quality metrics of a row, in table order.
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def target_check_row(name: str, ten: dict, forty: dict, digits: int) -> str:
+    """Issue 4's target 1 as a table row: the 10-minute metrics within 0.3 points of the 40-minute ones."""
+    short = max(100 * (forty[k] - ten[k]) for k in METRICS)
+    fmt = lambda m: " / ".join(f"{m[k]:.{digits}f}" for k in METRICS)  # noqa: E731
+    return f"| {name} | {fmt(ten)} | {fmt(forty)} | {short:.2f} | {'yes' if short <= 0.3 else 'no'} |"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| category | budget (min) | epochs | selected epoch | fit wall (s) | threads | image AUROC | pixel AUROC "
              "| AUPRO | commit | options (vs today's defaults) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    keys = ("image_auroc", "pixel_auroc", "aupro")
     for r in sorted(rows, key=lambda r: (r["category"], r["budget_minutes"], seed_of(r))):
         selected = r.get("selected_epoch", "")  # absent in rows recorded before it was added
         lines.append(f"| {r['category']} | {r['budget_minutes']:g} | {r['epochs']} | {selected} | {r['fit_seconds']:.0f} | "
@@ -103,10 +113,7 @@ def markdown(rows: list[dict]) -> str:
         # Only fits of the same model on the same machine compare (a default changed between
         # them otherwise, or the 10 minutes bought another number of epochs).
         if 10 in by and 40 in by and same_fit_recipe(by[10]) == same_fit_recipe(by[40]):
-            short = max(100 * (by[40][k] - by[10][k]) for k in keys)
-            fmt = lambda r: " / ".join(f"{r[k]:.3f}" for k in keys)  # noqa: E731
-            name = cat if seed == 0 else f"{cat} (seed {seed})"
-            check.append(f"| {name} | {fmt(by[10])} | {fmt(by[40])} | {short:.2f} | {'yes' if short <= 0.3 else 'no'} |")
+            check.append(target_check_row(cat if seed == 0 else f"{cat} (seed {seed})", by[10], by[40], 3))
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["category"], r["budget_minutes"], same_fit_recipe(r)), []).append(r)
@@ -115,18 +122,15 @@ def markdown(rows: list[dict]) -> str:
         long_fits = groups.get((cat, 40, recipe), [])
         if budget != 10 or min(len({seed_of(r) for r in fits}) for fits in (short_fits, long_fits)) < 2:
             continue
-        means = [{k: statistics.mean(r[k] for r in fits) for k in keys} for fits in (short_fits, long_fits)]
-        short = max(100 * (means[1][k] - means[0][k]) for k in keys)
-        fmt = lambda m: " / ".join(f"{m[k]:.4f}" for k in keys)  # noqa: E731
-        name = f"{cat}, mean of {len(short_fits)} and {len(long_fits)} seeds"
-        check.append(f"| {name} | {fmt(means[0])} | {fmt(means[1])} | {short:.2f} | {'yes' if short <= 0.3 else 'no'} |")
+        means = [{k: statistics.mean(r[k] for r in fits) for k in METRICS} for fits in (short_fits, long_fits)]
+        check.append(target_check_row(f"{cat}, mean of {len(short_fits)} and {len(long_fits)} seeds", *means, 4))
     # Fit-to-fit spread: the same recipe and budget with several seeds.
     spread = []
     for (cat, budget, _), draws in sorted(groups.items(), key=lambda g: g[0][:2]):
         if len({seed_of(r) for r in draws}) < 2:
             continue
         cells = []
-        for k in keys:
+        for k in METRICS:
             values = [r[k] for r in draws]
             cells.append(f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f} "
                          f"({min(values):.3f}-{max(values):.3f})")
