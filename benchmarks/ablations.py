@@ -76,9 +76,21 @@ def markdown(rows: list[dict], epochs: int) -> str:
     if any(r.get("threads", 2) < 2 for r in rows):
         lines.append("\n\\* one CPU thread while other jobs shared the machine: metrics depend only on "
                      "the fixed epochs and seed (up to floating-point summation order), fit times are not comparable with the other rows.")
-    return (f"# Ablations (Table 4), {epochs} epochs each\n\nCommits `{'`, `'.join(commits)}` (training "
-            f"behaviour unchanged between them: later commits refactored and added options); tf_efficientnet_lite0 with "
-            f"packaged weights unless the variant says otherwise; every other setting at its default. "
+    if len(commits) == 1:
+        provenance = f"Commit `{commits[0]}`"
+    else:
+        provenance = (f"Commits `{'`, `'.join(commits)}` (training behaviour unchanged between them: later commits "
+                      f"refactored and added options)")
+    machines = sorted({r["machine"] for r in rows if r.get("machine")})
+    if machines:
+        provenance += f" on {' and '.join(machines)}"
+    train = next((r["config"]["train"] for r in rows if "config" in r), None)
+    recipe = (f" ({train['optimizer']}, {train['schedule']} at lr {train['lr']:g}, batch {train['batch_size']}, "
+              f"{train['select']} epoch, precision {train['precision']})") if train else ""
+    return (f"# Ablations (Table 4), {epochs} epochs each\n\n{provenance}; the paper's model "
+            f"(`adtr.config.PAPER_MODEL`: five stages, no jitter, DETR's initialisation) trained with the "
+            f"paper's optimiser{recipe}, tf_efficientnet_lite0 with packaged weights unless the variant says "
+            f"otherwise; every other setting at its default. "
             f"Ours are per category (image AUROC / pixel AUROC / AUPRO); the paper's are means over the 15 "
             f"MVTec categories at 500 epochs with EfficientNet-B4, so compare orderings, not values.\n\n"
             + "\n".join(lines) + "\n")

@@ -55,6 +55,14 @@ def test_ablation_table_puts_the_papers_numbers_beside_ours():
     cnn = next(line for line in table.splitlines() if line.startswith("| cnn"))
     assert "0.900 / 0.800 / 0.700" in cnn and "94.4" in cnn
     assert "not run" in next(line for line in table.splitlines() if line.startswith("| full"))
+    # One commit is named as one; the machine and the training recipe of the rows are stated.
+    assert "Commit `abc`" in table and "unchanged between them" not in table
+    train = {"optimizer": "adamw", "schedule": "warmup-stable-decay", "lr": 5e-4, "batch_size": 8,
+             "select": "best-val", "precision": "auto"}
+    other = {**row, "category": "grid", "commit": "def", "machine": "cpu: test", "config": {"train": train}}
+    table = ablations.markdown([row, other], 20)
+    assert "Commits `abc`, `def` (training behaviour unchanged between them" in table and "on cpu: test" in table
+    assert "(adamw, warmup-stable-decay at lr 0.0005, batch 8, best-val epoch, precision auto)" in table
 
 
 def test_plus_table_shows_the_change_against_adtr():
