@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from adtr.calibrate import active_expected_fpr, apply_mode, calibrate, describe_expected_fpr
+from adtr.calibrate import active_expected_fpr, apply_mode, calibrate, describe_expected_fpr, rule_calibration
 from adtr.checkpoint import load_checkpoint
 from adtr.cli import main
 from adtr.data import index_mvtec
 from adtr.detector import Detector
 from adtr.errors import AdtrError
-from adtr.postprocess import expected_fpr, f1_optimal_threshold, normalize_scores, pixel_quantile_threshold
+from adtr.postprocess import (conformal_rank, expected_fpr, f1_optimal_threshold, normalize_scores,
+                              pixel_quantile_threshold)
 
 
 def test_f1_optimal_threshold_by_hand():
@@ -44,6 +45,18 @@ def test_the_expected_fpr_belongs_to_the_target_fpr_threshold_only():
     assert active_expected_fpr(apply_mode(cal, "f1")) is None
     assert describe_expected_fpr({**cal, "val_images": 0}) is None
     assert describe_expected_fpr({k: v for k, v in cal.items() if k != "val_images"}) is None
+    # The advice names the conformal rule and how many images keep the target under it.
+    assert "--threshold-rule conformal" in line and "from 99 held-out images" in line
+
+
+def test_the_conformal_rule_states_its_own_promise():
+    cal = {"mode": "fpr", "threshold": 2.0, "threshold_fpr": 2.0, "target_fpr": 0.01, "val_images": 21,
+           "threshold_rule": "conformal"}
+    assert active_expected_fpr(cal) == expected_fpr(21, 0.01, rule="conformal")
+    line = describe_expected_fpr(cal)
+    assert "about 4.5%" in line and "(conformal rule)" in line and "99 held-out good images" in line
+    assert "--val-fraction" not in describe_expected_fpr({**cal, "val_images": 99})  # enough: no advice
+    assert "about 1.0%" in describe_expected_fpr({**cal, "val_images": 99})
 
 
 def test_normalized_scores_put_the_threshold_at_one_half():
@@ -102,6 +115,29 @@ def test_calibrate_f1_and_back(tiny_run, tiny_category, tmp_path, capsys):
     assert main(["calibrate", str(run), "--mode", "fpr"]) == 0
     back = load_checkpoint(run / "model.pt")["calibration"]
     assert back["threshold"] == before["threshold"] and back["pixel_threshold"] == before["pixel_threshold"]
+
+
+def test_calibrate_switches_the_threshold_rule_from_stored_scores(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = load_checkpoint(run / "model.pt")["calibration"]
+    assert before["threshold_rule"] == "quantile"
+    assert main(["calibrate", str(run), "--threshold-rule", "conformal"]) == 0  # no --mode: the target-FPR one
+    cal = load_checkpoint(run / "model.pt")["calibration"]
+    rank = conformal_rank(len(before["val_scores"]), before["target_fpr"])
+    assert cal["mode"] == "fpr" and cal["threshold_rule"] == "conformal"
+    assert cal["threshold"] == cal["threshold_fpr"] == sorted(before["val_scores"])[rank - 1]
+    assert cal["pixel_threshold"] == before["pixel_threshold"]  # the pixel threshold keeps its quantile
+    out = capsys.readouterr().out
+    assert "(conformal rule)" in out and "new good images exceed it about" in out
+    assert Detector.load(run, device="cpu").expected_fpr == expected_fpr(len(before["val_scores"]),
+                                                                          before["target_fpr"], rule="conformal")
+    assert main(["calibrate", str(run), "--threshold-rule", "quantile"]) == 0
+    back = load_checkpoint(run / "model.pt")["calibration"]
+    assert back["threshold"] == pytest.approx(before["threshold"], rel=1e-12)
+    no_scores = {**before, "val_scores": []}
+    with pytest.raises(AdtrError, match="no held-out good scores"):
+        rule_calibration(no_scores, "conformal")
 
 
 def test_calibrate_errors(tiny_run, tiny_category, tmp_path):

@@ -22,6 +22,27 @@ def test_an_impossible_training_value_names_its_field_and_flag(field, value, fla
         with_overrides(RunConfig(), "train", **{field: value})
 
 
+@pytest.mark.parametrize("field, value, flag", [
+    ("sigma", -1.0, "--sigma"), ("pool_size", 0, "--pool-size"), ("target_fpr", 1.0, "--target-fpr"),
+    ("target_fpr", -0.01, "--target-fpr"), ("threshold_rule", "median", "--threshold-rule"),
+])
+def test_an_impossible_scoring_value_names_its_field_and_flag(field, value, flag):
+    """Refused when the config is made, not after training, at calibration."""
+    with pytest.raises(AdtrError, match=rf"score\.{field} \({flag}\) must be .*got {value}"):
+        with_overrides(RunConfig(), "score", **{field: value})
+
+
+def test_threshold_rule_from_the_cli():
+    parser = build_parser()
+    args = parser.parse_args(["fit", "good", "--out", "r", "--threshold-rule", "conformal", "--target-fpr", "0.05"])
+    assert config_from_args(args).score.threshold_rule == "conformal"
+    assert config_from_args(args).score.target_fpr == 0.05
+    assert config_from_args(parser.parse_args(["fit", "good", "--out", "r"])).score.threshold_rule == "quantile"
+    saved = to_dict(RunConfig())
+    del saved["score"]["threshold_rule"]  # a run saved before the option
+    assert from_dict(saved).score.threshold_rule == "quantile"
+
+
 def test_the_defaults_and_the_plus_defaults_pass_and_survive_a_round_trip():
     config = with_overrides(RunConfig(), "train", **PLUS_TRAIN_DEFAULTS)
     assert from_dict(to_dict(config)) == config

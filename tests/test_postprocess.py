@@ -5,7 +5,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from adtr.postprocess import expected_fpr, gaussian_blur, image_score, pixel_anomaly_map, quantile_threshold
+from adtr.postprocess import (conformal_min_images, conformal_rank, expected_fpr, gaussian_blur, image_score,
+                               pixel_anomaly_map, quantile_threshold)
 
 
 @pytest.mark.parametrize("sigma", [1.0, 4.0])
@@ -82,6 +83,47 @@ def test_expected_fpr_matches_simulated_held_out_sets(n, target):
     assert float((1.0 - ordered[:, below + 1] < rate.low).double().mean()) == pytest.approx(tail, abs=0.006)
     assert float((1.0 - ordered[:, below] > rate.high).double().mean()) == pytest.approx(tail, abs=0.006)
     assert expected_fpr(0, target) is None
+
+
+def test_conformal_rank_by_hand():
+    assert conformal_rank(99, 0.01) == 99  # (99 + 1) * 0.99 = 99: the highest score keeps exactly 1%
+    assert conformal_rank(199, 0.01) == 198  # 200 * 0.99 = 198
+    assert conformal_rank(21, 0.01) == 21  # too few to keep 1%: the highest, the nearest they reach
+    assert conformal_rank(21, 0.05) == 21 and conformal_rank(39, 0.05) == 38  # 22 * 0.95 = 20.9, 40 * 0.95 = 38
+    assert conformal_rank(10, 0.0) == 10 and conformal_rank(10, 0.99) == 1
+    assert conformal_min_images(0.01) == 99 and conformal_min_images(0.05) == 19 and conformal_min_images(0.0) is None
+    scores = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert quantile_threshold(scores, 0.2, "conformal") == 5.0  # rank ceil(6 * 0.8) = 5
+    assert quantile_threshold(scores, 0.4, "conformal") == 4.0  # rank ceil(6 * 0.6) = 4
+    assert quantile_threshold(torch.empty(0), 0.01, "conformal") == float("inf")
+    with pytest.raises(ValueError, match="unknown threshold rule"):
+        quantile_threshold(scores, 0.2, "median")
+
+
+@pytest.mark.parametrize("n, target", [(21, 0.01), (99, 0.01), (120, 0.05), (50, 0.1)])
+def test_conformal_threshold_keeps_the_target_on_simulated_held_out_sets(n, target):
+    """The conformal rule's mean FPR is at most the target once n >= 1/target - 1 (and 1/(n+1)
+    below that), for any continuous scores; its interval is the exact law of one order statistic."""
+    rate = expected_fpr(n, target, rule="conformal")
+    g = torch.Generator().manual_seed(1000 + n)
+    trials = 20_000
+    uniform = torch.rand(trials, n, generator=g, dtype=torch.float64)
+    rank = conformal_rank(n, target)
+    per_set = torch.tensor([quantile_threshold(s, target, "conformal") for s in uniform[:200]], dtype=torch.float64)
+    ordered = uniform.sort(dim=1).values
+    assert torch.equal(per_set, ordered[:200, rank - 1])  # the batched draw is quantile_threshold's
+    fpr = 1.0 - ordered[:, rank - 1]
+    assert float(fpr.mean()) == pytest.approx(rate.expected, abs=4 * float(fpr.std()) / trials ** 0.5)
+    if n >= conformal_min_images(target):
+        assert rate.expected <= target + 1e-12
+    else:
+        assert rate.expected == pytest.approx(1 / (n + 1))
+    assert rate.expected < expected_fpr(n, target).expected  # always below the interpolated quantile's
+    # Exponential scores, the same law: each tail of the interval holds its share.
+    fpr = torch.exp(-(-torch.log(uniform)).sort(dim=1).values[:, rank - 1])
+    tail = (1 - rate.confidence) / 2
+    assert float((fpr < rate.low).double().mean()) == pytest.approx(tail, abs=0.006)
+    assert float((fpr > rate.high).double().mean()) == pytest.approx(tail, abs=0.006)
 
 
 def test_separable_pooling_equals_2d_box_average():

@@ -1,11 +1,14 @@
 """Re-calibrate a finished run's decision thresholds (``adtr calibrate``).
 
 ``fit`` always calibrates without anomalies: the image and pixel thresholds are the
-(1 - target FPR) quantiles of held-out good images. When labelled anomalies become
-available (a few real defects, with or without masks), the F1-optimal thresholds on
-them are the usual alternative; without real defects, confetti noise on good images (ADTR+'s synthetic
-anomalies, labels known by construction) gives a proxy. Both sets are kept in the run, so
-switching back is one command. The images used must not be the test set you report on.
+(1 - target FPR) quantiles of held-out good images (interpolated; with ``--threshold-rule
+conformal`` the image one is the order statistic that keeps the target on average, and
+``adtr calibrate --threshold-rule`` switches a finished run from its stored held-out
+scores). When labelled anomalies become available (a few real defects, with or without
+masks), the F1-optimal thresholds on them are the usual alternative; without real defects,
+confetti noise on good images (ADTR+'s synthetic anomalies, labels known by construction)
+gives a proxy. Both sets are kept in the run, so switching back is one command. The images
+used must not be the test set you report on.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from adtr import checkpoint as ckpt_io
+from adtr.config import THRESHOLD_RULES
 from adtr.data import Sample
 from adtr.errors import AdtrError
-from adtr.postprocess import ExpectedFpr, expected_fpr, f1_optimal_threshold
+from adtr.postprocess import ExpectedFpr, conformal_min_images, expected_fpr, f1_optimal_threshold, quantile_threshold
 
 MODES = ("fpr", "f1")
 
@@ -76,7 +80,27 @@ def active_expected_fpr(calibration: dict[str, Any]) -> ExpectedFpr | None:
     one of held-out good images (None after ``--mode f1``, or without held-out images)."""
     if calibration.get("mode", "fpr") != "fpr" or "val_images" not in calibration:
         return None
-    return expected_fpr(int(calibration["val_images"]), float(calibration["target_fpr"]))
+    return expected_fpr(int(calibration["val_images"]), float(calibration["target_fpr"]),
+                        rule=threshold_rule(calibration))
+
+
+def threshold_rule(calibration: dict[str, Any]) -> str:
+    """The rule of the target-FPR image threshold (runs from before the option: quantile)."""
+    return str(calibration.get("threshold_rule", "quantile"))
+
+
+def rule_calibration(calibration: dict[str, Any], rule: str) -> dict[str, Any]:
+    """The target-FPR image threshold under ``rule``, from the held-out scores that fit stored."""
+    if rule not in THRESHOLD_RULES:
+        raise AdtrError(f"unknown threshold rule {rule!r} (use {' or '.join(THRESHOLD_RULES)})")
+    scores = calibration.get("val_scores") or []
+    if not scores:
+        raise AdtrError("this run kept no held-out good scores (fit with --val-fraction above 0), "
+                        "so its target-FPR threshold cannot be recomputed")
+    import torch
+
+    thr = quantile_threshold(torch.tensor(scores, dtype=torch.float64), float(calibration["target_fpr"]), rule)
+    return {"threshold_fpr": thr, "threshold_rule": rule}
 
 
 def describe_expected_fpr(calibration: dict[str, Any]) -> str | None:
@@ -85,11 +109,18 @@ def describe_expected_fpr(calibration: dict[str, Any]) -> str | None:
     rate = active_expected_fpr(calibration)
     if rate is None:
         return None
-    n, target = int(calibration["val_images"]), float(calibration["target_fpr"])
+    n, target, rule = int(calibration["val_images"]), float(calibration["target_fpr"]), threshold_rule(calibration)
     line = (f"new good images exceed it about {rate.expected:.1%} of the time ({rate.confidence:.0%} interval "
             f"{rate.low:.1%}-{rate.high:.1%}): a {target:.1%} target from {n} held-out good images")
-    if rate.expected > 2 * target:
+    needed = conformal_min_images(target)
+    if rule == "conformal":
+        line += " (conformal rule)"
+        if needed is not None and n < needed:
+            line += f"; {needed} held-out good images (--val-fraction) would keep the target on average"
+    elif rate.expected > 2 * target:
         line += "; hold out more good images (--val-fraction) for a rate nearer the target"
+        if needed is not None:
+            line += f", or take --threshold-rule conformal, which keeps it on average from {needed} held-out images"
     return line
 
 
@@ -114,10 +145,10 @@ def apply_mode(calibration: dict[str, Any], mode: str) -> dict[str, Any]:
 
 
 def calibrate(run: Path, mode: str, samples: Sequence[Sample] | None = None,
-              confetti_images: Sequence[Path] | None = None) -> dict[str, Any]:
+              confetti_images: Sequence[Path] | None = None, rule: str | None = None) -> dict[str, Any]:
     """Switch ``run``'s active thresholds to ``mode``, first computing the F1 ones from labelled
-    ``samples`` or from confetti on ``confetti_images`` when given; rewrites ``model.pt``
-    atomically and returns the calibration."""
+    ``samples`` or from confetti on ``confetti_images`` when given, and the target-FPR image
+    threshold under ``rule`` when given; rewrites ``model.pt`` atomically and returns the calibration."""
     path = ckpt_io.find_run_file(Path(run))
     ckpt = ckpt_io.load_checkpoint(path)
     if ckpt.get("kind") != "model":
@@ -129,6 +160,8 @@ def calibrate(run: Path, mode: str, samples: Sequence[Sample] | None = None,
         cal.update(f1_calibration(samples, path), f1_source="labelled")
     if confetti_images is not None:
         cal.update(confetti_f1_calibration(confetti_images, path))
+    if rule is not None:
+        cal.update(rule_calibration(cal, rule))
     cal = apply_mode(cal, mode)
     ckpt["calibration"] = cal
     ckpt_io.atomic_save(ckpt, path)

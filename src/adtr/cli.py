@@ -24,8 +24,8 @@ from pathlib import Path
 
 from adtr import __version__
 from adtr.checkpoint import atomic_write_bytes
-from adtr.config import (CROSS_INITS, ENGINES, OPTIMIZERS, POS_INITS, RECONSTRUCTORS, SCHEDULES, RunConfig,
-                          with_overrides)
+from adtr.config import (CROSS_INITS, ENGINES, OPTIMIZERS, POS_INITS, RECONSTRUCTORS, SCHEDULES, THRESHOLD_RULES,
+                          RunConfig, with_overrides)
 from adtr.errors import AdtrError
 
 log = logging.getLogger("adtr")
@@ -117,7 +117,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
                          precision=args.precision, max_minutes=args.max_minutes, feature_cache=args.feature_cache,
                          select=args.select, patience=args.patience,
                          checkpoint_seconds=args.checkpoint_every, compile=args.compile or None)
-    cfg = with_overrides(cfg, "score", sigma=args.sigma, pool_size=args.pool_size, target_fpr=args.target_fpr)
+    cfg = with_overrides(cfg, "score", sigma=args.sigma, pool_size=args.pool_size, target_fpr=args.target_fpr,
+                         threshold_rule=args.threshold_rule)
     if plus:
         source, data, masks = "confetti", None, None
         if args.defects and args.outliers:
@@ -279,10 +280,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         good = list_images(Path(args.confetti))
         for p in good:
             verify_image(p)
-    cal = calibrate(Path(args.run), args.mode, samples, good)
+    # A rule change alone switches to the target-FPR thresholds it recomputes; otherwise F1, as before.
+    mode = args.mode or ("fpr" if args.threshold_rule and not (args.data or args.confetti) else "f1")
+    cal = calibrate(Path(args.run), mode, samples, good, args.threshold_rule)
     fmt = lambda k: f"{cal[k]:.4f}" if k in cal else "-"  # noqa: E731
     print(f"mode {cal['mode']}: image threshold {cal['threshold']:.4f}, pixel threshold {cal['pixel_threshold']:.4f}")
-    print(f"  target-FPR thresholds: image {fmt('threshold_fpr')}, pixel {fmt('pixel_threshold_fpr')}")
+    print(f"  target-FPR thresholds ({cal.get('threshold_rule', 'quantile')} rule): "
+          f"image {fmt('threshold_fpr')}, pixel {fmt('pixel_threshold_fpr')}")
+    print_expected_fpr(cal)
     print(f"  F1-optimal thresholds: image {fmt('threshold_f1')} (F1 {fmt('f1_image')}), "
           f"pixel {fmt('pixel_threshold_f1')} (F1 {fmt('f1_pixel')})")
     return 0
@@ -512,6 +517,9 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sigma", type=float, help="Gaussian smoothing of maps in pixels (default 4, 0 = off)")
     g.add_argument("--pool-size", type=int, help="average-pool window in pixels for the image score (default 32)")
     g.add_argument("--target-fpr", type=float, help="false-positive rate on held-out good images (default 0.01)")
+    g.add_argument("--threshold-rule", choices=THRESHOLD_RULES,
+                   help="image threshold from the held-out scores: quantile (default; exceeds the target by about "
+                        "1/(n+1) with n held out) or conformal (keeps the target on average once n >= 1/target - 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -529,8 +537,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fit)
     p = sub.add_parser("calibrate", help="switch a run's thresholds: target-FPR (default) or F1-optimal on labelled data")
     p.add_argument("run", help="run folder")
-    p.add_argument("--mode", choices=["fpr", "f1"], default="f1",
-                   help="f1: F1-optimal thresholds on --data (default); fpr: back to the target-FPR ones from fit")
+    p.add_argument("--mode", choices=["fpr", "f1"],
+                   help="f1: F1-optimal thresholds on --data (default); fpr: back to the target-FPR ones from fit "
+                        "(default when only --threshold-rule is given)")
+    p.add_argument("--threshold-rule", choices=THRESHOLD_RULES,
+                   help="recompute the target-FPR image threshold from the held-out scores fit kept, under this rule")
     p.add_argument("--data", help="labelled images (good/ and defect folders, or a MVTec category's test split); "
                                   "never the test set you report on")
     p.add_argument("--masks", help="mask folder mirroring the defect folders (for the pixel threshold)")

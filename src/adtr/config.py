@@ -25,6 +25,16 @@ SCHEDULES = ("warmup-cosine", "step", "warmup-stable-decay")
 CROSS_INITS = ("independent", "aligned", "aligned-last")
 #: Optimisers (``TrainConfig.optimizer``; see ``adtr.optim.make_optimizer``).
 OPTIMIZERS = ("adamw", "muon")
+#: Rules that turn held-out good scores into the image threshold (``ScoreConfig.threshold_rule``;
+#: see ``adtr.postprocess.quantile_threshold``).
+THRESHOLD_RULES = ("quantile", "conformal")
+
+
+def refuse_failed_checks(section: str, config: Any, checks: tuple[tuple[str, bool, str, str], ...]) -> None:
+    """Raise for the first (field, passed, requirement, CLI flag) check that failed."""
+    for name, ok, requirement, flag in checks:
+        if not ok:
+            raise AdtrError(f"{section}.{name} ({flag}) must be {requirement}, got {getattr(config, name)}")
 
 
 @dataclass(frozen=True)
@@ -97,9 +107,7 @@ class TrainConfig:
             ("max_minutes", self.max_minutes >= 0, "0 (none) or more", "--max-minutes"),
             ("checkpoint_seconds", self.checkpoint_seconds >= 0, "0 or more", "--checkpoint-every"),
         )
-        for name, ok, requirement, flag in checks:
-            if not ok:
-                raise AdtrError(f"train.{name} ({flag}) must be {requirement}, got {getattr(self, name)}")
+        refuse_failed_checks("train", self, checks)
 
 
 @dataclass(frozen=True)
@@ -108,7 +116,21 @@ class ScoreConfig:
 
     sigma: float = 4.0  # Gaussian smoothing of the upsampled map, pixels; 0 = off
     pool_size: int = 32  # average-pool window (px) for the image score: 2x2 cells of the 16 px grid
-    target_fpr: float = 0.01  # image threshold: this quantile of held-out good scores
+    target_fpr: float = 0.01  # image threshold: the rate of held-out good images above it
+    # quantile (the (1 - target_fpr) quantile; new good images exceed it more often than the target
+    # when few are held out) | conformal (ours, opt-in: the order statistic that keeps the mean rate <= target)
+    threshold_rule: str = "quantile"
+
+    def __post_init__(self) -> None:
+        """Refuse values that would fail only at calibration, after a whole training run."""
+        checks = (
+            ("sigma", self.sigma >= 0, "0 (off) or more", "--sigma"),
+            ("pool_size", self.pool_size >= 1, "at least 1", "--pool-size"),
+            ("target_fpr", 0 <= self.target_fpr < 1, "in [0, 1)", "--target-fpr"),
+            ("threshold_rule", self.threshold_rule in THRESHOLD_RULES, f"one of {', '.join(THRESHOLD_RULES)}",
+             "--threshold-rule"),
+        )
+        refuse_failed_checks("score", self, checks)
 
 
 @dataclass(frozen=True)

@@ -632,7 +632,7 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
         val_maps, val_scores = score_features(model, val_feats, mc.image_size, config.score, device)
     else:
         val_maps, val_scores = torch.empty(0), torch.empty(0)
-    calibration = fpr_calibration(val_maps, val_scores, config.score.target_fpr)
+    calibration = fpr_calibration(val_maps, val_scores, config.score.target_fpr, config.score.threshold_rule)
     calibration["selected_epoch"] = selected_epoch
     threshold = calibration["threshold"]
     seconds = feature_seconds + train_seconds
@@ -643,15 +643,19 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
     return FitResult(run_dir, len(history), seconds, history, threshold, selected_epoch, calibration)
 
 
-def fpr_calibration(val_maps: torch.Tensor, val_scores: torch.Tensor, target_fpr: float) -> dict[str, Any]:
+def fpr_calibration(val_maps: torch.Tensor, val_scores: torch.Tensor, target_fpr: float,
+                    rule: str = "quantile") -> dict[str, Any]:
     """Image and pixel thresholds at ``target_fpr`` from held-out good images only.
 
     ``threshold`` and ``pixel_threshold`` are the active ones; ``*_fpr`` keep the
     target-FPR values so that an F1-optimal calibration (``adtr calibrate``) can be undone.
+    ``rule`` applies to the image threshold; the pixel one is a plain quantile over many
+    thousands of pixels, where interpolation between neighbours changes nothing measurable.
     """
-    image_thr = quantile_threshold(val_scores, target_fpr)
+    image_thr = quantile_threshold(val_scores, target_fpr, rule)
     pixel_thr = pixel_quantile_threshold(val_maps, target_fpr)
-    return {"mode": "fpr", "target_fpr": target_fpr, "threshold": image_thr, "threshold_fpr": image_thr,
+    return {"mode": "fpr", "target_fpr": target_fpr, "threshold_rule": rule,
+            "threshold": image_thr, "threshold_fpr": image_thr,
             "pixel_threshold": pixel_thr, "pixel_threshold_fpr": pixel_thr,
             "val_scores": val_scores.tolist(), "val_images": int(val_scores.numel())}
 

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adtr.config import THRESHOLD_RULES
+
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     """Normalised 1-D Gaussian, truncated at 4 sigma (scipy's default)."""
@@ -79,46 +81,78 @@ def image_score(pixel_map: torch.Tensor, pool_size: int) -> torch.Tensor:
     return pixel_map.flatten(1).amax(dim=1)
 
 
-def quantile_threshold(good_scores: torch.Tensor, target_fpr: float) -> float:
+def conformal_rank(n: int, target_fpr: float) -> int:
+    """1-based rank k of the held-out score that the conformal rule takes as the threshold.
+
+    A new good image exceeds the k-th smallest of n held-out scores with mean probability
+    (n + 1 - k) / (n + 1); the smallest k that keeps this at or under the target is
+    ceil((n + 1)(1 - target)) (split-conformal prediction). Fewer than 1/target - 1 held-out
+    images cannot keep the target: k is then n, the highest score, the nearest they reach.
+    """
+    return min(n, max(1, math.ceil((n + 1) * (1.0 - target_fpr) - 1e-9)))
+
+
+def conformal_min_images(target_fpr: float) -> int | None:
+    """Fewest held-out good images with which the conformal rule keeps ``target_fpr`` (None for 0)."""
+    return math.ceil((1.0 - target_fpr) / target_fpr - 1e-9) if target_fpr > 0 else None
+
+
+def quantile_threshold(good_scores: torch.Tensor, target_fpr: float, rule: str = "quantile") -> float:
     """Score above which a fraction ``target_fpr`` of good images would fall.
 
-    With n held-out good images the finest achievable rate is 1/n; the threshold is
-    the (1 - target_fpr) quantile, interpolated linearly between order statistics.
+    ``quantile``: the (1 - target_fpr) quantile of the held-out scores, interpolated linearly
+    between order statistics; new good images exceed it more often than the target, by
+    (1 - 2 target) / (n + 1) on average (:func:`expected_fpr`). ``conformal``: the held-out
+    score of rank :func:`conformal_rank`, which keeps the average rate at or under the target
+    whatever the score distribution, and so flags fewer defects where n is small.
     """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r} (use {' or '.join(THRESHOLD_RULES)})")
     if good_scores.numel() == 0:
         return math.inf
-    return float(torch.quantile(good_scores.double(), 1.0 - target_fpr))
+    scores = good_scores.double().flatten()
+    if rule == "conformal":
+        return float(scores.sort().values[conformal_rank(scores.numel(), target_fpr) - 1])
+    return float(torch.quantile(scores, 1.0 - target_fpr))
 
 
 @dataclass(frozen=True)
 class ExpectedFpr:
     """What a :func:`quantile_threshold` over n held-out good images promises for new good images."""
 
-    expected: float  # mean false-positive rate (exact for uniform scores, a close guide otherwise)
+    expected: float  # mean false-positive rate (exact for the conformal rule and for uniform scores)
     low: float  # the rate lies in [low, high] with probability at least ``confidence``
     high: float
     confidence: float
 
 
-def expected_fpr(n: int, target_fpr: float, confidence: float = 0.9) -> ExpectedFpr | None:
+def expected_fpr(n: int, target_fpr: float, confidence: float = 0.9, rule: str = "quantile") -> ExpectedFpr | None:
     """The false-positive rate on new good images of the ``target_fpr`` threshold of ``n`` held-out ones.
 
     The threshold is itself random: a good image exceeds the j-th smallest of n held-out scores
     with probability F̄(X_(j)) ~ Beta(n - j + 1, j), whatever the score distribution (continuous,
-    the new image drawn like the held-out ones). :func:`quantile_threshold` interpolates between
-    two neighbouring order statistics, so the rate lies between theirs; the interval takes the
-    outer tail of each. The expected rate is target + (1 - 2 target) / (n + 1): with 21 held-out
-    images and a 1% target the threshold sits between the two highest scores and new good
-    images exceed it about 5.5% of the time; 99 held-out images still expect about 2%.
+    the new image drawn like the held-out ones). The conformal rule takes one order statistic.
+    The quantile rule interpolates between two neighbouring ones, so the rate lies between
+    theirs; the interval takes the outer tail of each, and the expected rate is
+    target + (1 - 2 target) / (n + 1): with 21 held-out images and a 1% target the threshold
+    sits between the two highest scores and new good images exceed it about 5.5% of the time
+    (conformal: the highest score, 4.5%); 99 held-out images still expect about 2% (conformal: 1%).
     """
     if n <= 0:
         return None
     from scipy.stats import beta
 
+    tail = (1.0 - confidence) / 2
+    if rule == "conformal":
+        j = conformal_rank(n, target_fpr)  # 1-based
+        law = beta(n - j + 1, j)
+        return ExpectedFpr(expected=(n - j + 1) / (n + 1), low=float(law.ppf(tail)), high=float(law.ppf(1.0 - tail)),
+                           confidence=confidence)
+    if rule != "quantile":
+        raise ValueError(f"unknown threshold rule {rule!r} (use {' or '.join(THRESHOLD_RULES)})")
     position = (1.0 - target_fpr) * (n - 1)  # 0-based, torch.quantile's linear interpolation
     below = min(int(math.floor(position)), n - 1)  # 0-based index of the lower order statistic
     above = min(below + 1, n - 1)
-    tail = (1.0 - confidence) / 2
     low = float(beta.ppf(tail, n - above, above + 1))  # the higher score bounds the rate from below
     high = float(beta.ppf(1.0 - tail, n - below, below + 1))
     return ExpectedFpr(expected=(n - position) / (n + 1), low=low, high=high, confidence=confidence)

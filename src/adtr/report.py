@@ -101,7 +101,8 @@ class RunInfo:
         else:
             n_val = len(cal.get("val_scores", []))
             details["calibration"] = (f"threshold at target FPR {cal.get('target_fpr', cfg.score.target_fpr):g} on "
-                                      f"{n_val} held-out good training image{'' if n_val == 1 else 's'}")
+                                      f"{n_val} held-out good training image{'' if n_val == 1 else 's'} "
+                                      f"({cal.get('threshold_rule', 'quantile')} rule)")
         if math.isfinite(cal.get("pixel_threshold", math.inf)):
             details["pixel threshold"] = f"{cal['pixel_threshold']:.4f} (not used by the image metrics)"
         name = run.parent.name if run.is_file() else run.resolve().name
