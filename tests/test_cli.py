@@ -257,3 +257,15 @@ def test_tsne_from_the_cli(tiny_run, tiny_category, tmp_path, capsys):
     assert Image.open(out).format == "PNG"
     assert "defect masks" in error_of(capsys, ["tsne", str(tiny_run), "--data", str(tiny_category / "train"),
                                                "--out", str(tmp_path / "x.png")])
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly():
+    """`adtr ... | head`: the closed pipe gives exit status 141 and no traceback."""
+    script = ("import sys\nimport adtr.cli as cli\n"
+              "def flood(args):\n    for i in range(200_000):\n        print('line', i)\n    return 0\n"
+              "cli.cmd_calibrate = flood\nsys.exit(cli.main(['calibrate', 'run']))\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout.readline() == b"line 0\n"
+    child.stdout.close()  # the reader leaves
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=60) == 141 and "Traceback" not in err, err

@@ -620,6 +620,14 @@ def main(argv: list[str] | None = None) -> int:
         message = fit_interrupted_message(args, argv) if args.command == "fit" else "interrupted"
         print(message, file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Whoever read the output left (`adtr test ... | head`): what was written stands, and the
+        # interpreter's final flush of stdout must not fail again with a traceback.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (captured in-process)
+            pass
+        return 141  # 128 + SIGPIPE, as a shell reports a program killed by it
 
 
 if __name__ == "__main__":
