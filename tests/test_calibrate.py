@@ -138,6 +138,8 @@ def test_calibrate_switches_the_threshold_rule_from_stored_scores(tiny_run, tmp_
     no_scores = {**before, "val_scores": []}
     with pytest.raises(AdtrError, match="no held-out good scores"):
         rule_calibration(no_scores, "conformal")
+    with pytest.raises(AdtrError, match="unknown threshold rule 'median'"):  # the user's error type, not ValueError
+        rule_calibration(before, "median")
 
 
 def test_calibrate_errors(tiny_run, tiny_category, tmp_path):

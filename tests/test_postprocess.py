@@ -96,8 +96,10 @@ def test_conformal_rank_by_hand():
     assert quantile_threshold(scores, 0.2, "conformal") == 5.0  # rank ceil(6 * 0.8) = 5
     assert quantile_threshold(scores, 0.4, "conformal") == 4.0  # rank ceil(6 * 0.6) = 4
     assert quantile_threshold(torch.empty(0), 0.01, "conformal") == float("inf")
-    with pytest.raises(ValueError, match="unknown threshold rule"):
-        quantile_threshold(scores, 0.2, "median")
+    for refuse in (lambda: quantile_threshold(scores, 0.2, "median"), lambda: expected_fpr(21, 0.01, rule="median"),
+                   lambda: expected_fpr(0, 0.01, rule="median")):
+        with pytest.raises(ValueError, match="unknown threshold rule 'median'"):
+            refuse()
 
 
 @pytest.mark.parametrize("n, target", [(21, 0.01), (99, 0.01), (120, 0.05), (50, 0.1)])

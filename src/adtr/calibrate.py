@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from adtr import checkpoint as ckpt_io
-from adtr.config import THRESHOLD_RULES
 from adtr.data import Sample
 from adtr.errors import AdtrError
-from adtr.postprocess import ExpectedFpr, conformal_min_images, expected_fpr, f1_optimal_threshold, quantile_threshold
+from adtr.postprocess import (ExpectedFpr, check_threshold_rule, conformal_min_images, expected_fpr,
+                              f1_optimal_threshold, quantile_threshold)
 
 MODES = ("fpr", "f1")
 
@@ -91,8 +91,10 @@ def threshold_rule(calibration: dict[str, Any]) -> str:
 
 def rule_calibration(calibration: dict[str, Any], rule: str) -> dict[str, Any]:
     """The target-FPR image threshold under ``rule``, from the held-out scores that fit stored."""
-    if rule not in THRESHOLD_RULES:
-        raise AdtrError(f"unknown threshold rule {rule!r} (use {' or '.join(THRESHOLD_RULES)})")
+    try:
+        check_threshold_rule(rule)
+    except ValueError as e:
+        raise AdtrError(str(e)) from None
     scores = calibration.get("val_scores") or []
     if not scores:
         raise AdtrError("this run kept no held-out good scores (fit with --val-fraction above 0), "

@@ -97,6 +97,12 @@ def conformal_min_images(target_fpr: float) -> int | None:
     return math.ceil((1.0 - target_fpr) / target_fpr - 1e-9) if target_fpr > 0 else None
 
 
+def check_threshold_rule(rule: str) -> None:
+    """Refuse a threshold rule other than those of :data:`adtr.config.THRESHOLD_RULES` (ValueError)."""
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r} (use {' or '.join(THRESHOLD_RULES)})")
+
+
 def quantile_threshold(good_scores: torch.Tensor, target_fpr: float, rule: str = "quantile") -> float:
     """Score above which a fraction ``target_fpr`` of good images would fall.
 
@@ -106,8 +112,7 @@ def quantile_threshold(good_scores: torch.Tensor, target_fpr: float, rule: str =
     score of rank :func:`conformal_rank`, which keeps the average rate at or under the target
     whatever the score distribution, and so flags fewer defects where n is small.
     """
-    if rule not in THRESHOLD_RULES:
-        raise ValueError(f"unknown threshold rule {rule!r} (use {' or '.join(THRESHOLD_RULES)})")
+    check_threshold_rule(rule)
     if good_scores.numel() == 0:
         return math.inf
     scores = good_scores.double().flatten()
@@ -138,6 +143,7 @@ def expected_fpr(n: int, target_fpr: float, confidence: float = 0.9, rule: str =
     sits between the two highest scores and new good images exceed it about 5.5% of the time
     (conformal: the highest score, 4.5%); 99 held-out images still expect about 2% (conformal: 1%).
     """
+    check_threshold_rule(rule)
     if n <= 0:
         return None
     from scipy.stats import beta
@@ -148,8 +154,6 @@ def expected_fpr(n: int, target_fpr: float, confidence: float = 0.9, rule: str =
         law = beta(n - j + 1, j)
         return ExpectedFpr(expected=(n - j + 1) / (n + 1), low=float(law.ppf(tail)), high=float(law.ppf(1.0 - tail)),
                            confidence=confidence)
-    if rule != "quantile":
-        raise ValueError(f"unknown threshold rule {rule!r} (use {' or '.join(THRESHOLD_RULES)})")
     position = (1.0 - target_fpr) * (n - 1)  # 0-based, torch.quantile's linear interpolation
     below = min(int(math.floor(position)), n - 1)  # 0-based index of the lower order statistic
     above = min(below + 1, n - 1)
