@@ -10,8 +10,9 @@ from adtr import checkpoint as ckpt_io
 from adtr.config import RunConfig, TrainConfig, plus_config, with_overrides
 from adtr.data import Sample, index_mvtec
 from adtr.detector import Detector
-from adtr.engine import (autocast, batch_order, bf16_is_fast, build_model, fit, fit_optimizer, lr_factor,
-                         newton_schulz_dtype, replan_epochs, resolve_precision, restore_networks, split_train_val)
+from adtr.engine import (autocast, batch_order, bf16_is_fast, build_model, fit, fit_optimizer, full_rate_end,
+                         lr_factor, may_replan, newton_schulz_dtype, replan_epochs, resolve_precision,
+                         restore_networks, split_train_val)
 from adtr.errors import AdtrError
 from adtr.optim import MuonAdamW
 
@@ -229,6 +230,56 @@ def test_budget_replans_when_later_epochs_are_slower(tiny_category, tmp_path, mo
     total = result.epochs * steps_per_epoch
     last = tc.lr * lr_factor(tc.schedule, total - 1, total, int(tc.warmup_fraction * total), tc.step_at)
     assert result.history[-1]["lr"] == pytest.approx(last) and last < 0.8 * tc.lr
+
+
+def test_budget_replans_when_later_epochs_are_faster(tiny_category, tmp_path, monkeypatch):
+    """The first six epochs slow (other work on a shared machine), the rest five times faster:
+    the fit keeps re-planning while its learning rate is at the peak, so it uses its budget
+    instead of ending with the plan of its first five epochs (10 epochs, about 70 of 125 s),
+    and the rate never goes back up. A virtual clock as in the test above."""
+    import types
+
+    import adtr.engine
+
+    clock = types.SimpleNamespace(now=0.0)
+
+    def perf_counter():
+        clock.now += 1e-3
+        return clock.now
+
+    real_mean_loss, calls = adtr.engine.mean_loss, []
+
+    def fast_after_six(*args, **kwargs):
+        calls.append(1)
+        clock.now += 10.0 if len(calls) <= 6 else 2.0
+        return real_mean_loss(*args, **kwargs)
+
+    monkeypatch.setattr(adtr.engine, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(adtr.engine, "mean_loss", fast_after_six)
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    cfg = tiny_config(epochs=1000, max_minutes=125 / 60)
+    ends: list[float] = []
+    result = fit(cfg, samples, tmp_path / "r", on_epoch=lambda record: ends.append(clock.now))
+    assert 100 <= ends[-1] <= 125  # the budget used, not overrun
+    assert result.epochs > 20 and result.history[-1]["epochs_planned"] == result.epochs == len(result.history)
+    lrs = [record["lr"] for record in result.history]
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # past the warm-up the rate only falls
+    assert lrs[-1] < 0.2 * cfg.train.lr  # and the decay ran to its end
+
+
+def test_may_replan_while_the_rate_is_at_its_peak():
+    wsd = TrainConfig(schedule="warmup-stable-decay", step_at=0.8)
+    # 100 epochs of 10 steps, warm-up 50 steps: the decay starts at step 800.
+    assert may_replan(wsd, done=5, steps_per_epoch=10, total_steps=1000, warmup=50)
+    assert may_replan(wsd, done=79, steps_per_epoch=10, total_steps=1000, warmup=50)
+    assert not may_replan(wsd, done=80, steps_per_epoch=10, total_steps=1000, warmup=50)
+    step = TrainConfig(schedule="step", step_at=0.5)
+    assert may_replan(step, done=49, steps_per_epoch=10, total_steps=1000, warmup=0)
+    assert not may_replan(step, done=50, steps_per_epoch=10, total_steps=1000, warmup=0)
+    cosine = TrainConfig(schedule="warmup-cosine")  # decays from the end of its warm-up
+    assert may_replan(cosine, done=5, steps_per_epoch=10, total_steps=1000, warmup=50)
+    assert not may_replan(cosine, done=6, steps_per_epoch=10, total_steps=1000, warmup=50)
+    assert full_rate_end("warmup-cosine", 1000, 50) == 50 and full_rate_end("step", 1000, 50, 0.5) == 500
 
 
 def test_replan_counts_the_whole_fit_against_the_budget():

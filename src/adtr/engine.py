@@ -117,12 +117,23 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int, step_at: float 
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "warmup-stable-decay":
-        decay_start = max(warmup, int(step_at * total))
+        decay_start = full_rate_end(schedule, total, warmup, step_at)
         if step < decay_start:
             return 1.0
         return 1.0 - 0.99 * min(1.0, (step - decay_start) / max(1, total - decay_start))
     progress = (step - warmup) / max(1, total - warmup)  # warmup-cosine
     return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def full_rate_end(schedule: str, total: int, warmup: int, step_at: float = 0.8) -> int:
+    """The step at which :func:`lr_factor` leaves the peak rate for good: ``step``'s division,
+    ``warmup-stable-decay``'s decay, ``warmup-cosine``'s end of warm-up. Until then the total
+    step count can change without the rate ever going back up."""
+    if schedule == "step":
+        return int(step_at * total)
+    if schedule == "warmup-stable-decay":
+        return max(warmup, int(step_at * total))
+    return warmup
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -302,8 +313,22 @@ class TrainingForward:
         return self.model(x)
 
 
-#: Epochs after each of which a ``max_minutes`` fit re-plans its epoch count (see :func:`replan_epochs`).
+#: A ``max_minutes`` fit re-plans its epoch count after each of its first epochs, and after
+#: every later one while the learning rate is still at its peak (see :func:`may_replan`); each
+#: plan times an epoch as the median of this many latest epochs.
 REPLAN_EPOCHS = 5
+
+
+def may_replan(cfg: TrainConfig, done: int, steps_per_epoch: int, total_steps: int, warmup: int) -> bool:
+    """Whether a ``max_minutes`` fit re-plans after ``done`` epochs: always over the first
+    :data:`REPLAN_EPOCHS`, then for as long as the rate has not left its peak
+    (:func:`full_rate_end`), which for ``warmup-stable-decay`` (the default) is most of the fit.
+    A plan drawn from a slow first few minutes (other work on a shared machine) would otherwise
+    leave the rest of the budget unused: a 40-minute bottle fit on the Intel CPU timed its first
+    epochs at 14-16 s and the rest at 11-12 s, and ended after 30 minutes. Once the rate decays
+    the plan stays, so that a longer one never sends the rate back up."""
+    return done <= REPLAN_EPOCHS or done * steps_per_epoch < full_rate_end(cfg.schedule, total_steps, warmup,
+                                                                           cfg.step_at)
 
 
 def replan_epochs(cfg: TrainConfig, elapsed_seconds: float, epoch_seconds: float, reserve_seconds: float,
@@ -312,9 +337,10 @@ def replan_epochs(cfg: TrainConfig, elapsed_seconds: float, epoch_seconds: float
     have been timed, ``epoch_seconds`` being their median: the step probe misses
     those overheads, so this is the estimate that keeps the fit, features and calibration
     included, within the budget. ``fit`` re-plans after each of the first
-    :data:`REPLAN_EPOCHS` epochs, while the learning-rate schedule is still warming up, so
-    that a first epoch faster than the rest does not plan a schedule that the budget then
-    cuts short before its learning rate has decayed."""
+    :data:`REPLAN_EPOCHS` epochs, so that a first epoch faster than the rest does not plan a
+    schedule that the budget then cuts short before its learning rate has decayed, and on
+    while the rate is at its peak (:func:`may_replan`), so that slower first epochs do not
+    leave the budget unspent."""
     left = cfg.max_minutes * 60 - elapsed_seconds - reserve_seconds
     return max(done, min(cfg.epochs, done + int(left / max(epoch_seconds, 1e-9))))
 
@@ -518,24 +544,28 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
         ckpt_io.atomic_save({
             "format_version": ckpt_io.FORMAT_VERSION, "kind": "training", "config": to_dict(config),
             "versions": ckpt_io.versions(), "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "epoch": done, "epochs": epochs, "history": history, "train_seconds": train_seconds,
+            "epoch": done, "epochs": epochs, "warmup_steps": warmup, "history": history,
+            "train_seconds": train_seconds,
             "best": best, "images": images, **rng_state(device),
         }, last_path)
 
+    steps_per_epoch = len(batch_order(len(train_feats), tc.batch_size, tc.seed, 0))
+    total_steps = epochs * steps_per_epoch
+    # Kept in the checkpoint: a re-planned budget fixes the warm-up when it ends, not at its final plan.
+    warmup = int(tc.warmup_fraction * total_steps)
+    if state is not None:
+        warmup = state.get("warmup_steps", warmup)
     if state is None:
         # Epoch 0: from now on the folder holds a resumable run, so Ctrl-C or a kill during the
         # first epoch loses no more than that epoch (resuming from it equals a fresh start).
         save_last(0)
     saved_at = time.perf_counter()
-    steps_per_epoch = len(batch_order(len(train_feats), tc.batch_size, tc.seed, 0))
-    total_steps = epochs * steps_per_epoch
-    warmup = int(tc.warmup_fraction * total_steps)
     log.info("training %d epochs x %d steps on %d images (%d held out)", epochs, steps_per_epoch,
              len(train_samples), len(val_samples))
 
     bar = tqdm(desc="fit+" if plus else "fit", unit="epoch", initial=start_epoch, total=epochs)
     epoch_times: list[float] = []  # wall time of each epoch run by this call
-    for epoch in itertools.count(start_epoch):  # ``epochs`` may be re-planned in the first REPLAN_EPOCHS
+    for epoch in itertools.count(start_epoch):  # ``epochs`` may be re-planned (may_replan)
         if epoch >= epochs:
             break
         te = time.perf_counter()
@@ -586,15 +616,19 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
         reserve = 2 * val_seconds if val_feats is not None else 0.0
         epoch_seconds = time.perf_counter() - te
         epoch_times.append(epoch_seconds)
-        if tc.max_minutes > 0 and start_epoch == 0 and epoch < REPLAN_EPOCHS:  # also resumed from epoch 0
-            replanned = replan_epochs(tc, time.perf_counter() - t0, float(np.median(epoch_times)), reserve,
-                                      done=epoch + 1)
+        if tc.max_minutes > 0 and start_epoch == 0 and may_replan(tc, epoch + 1, steps_per_epoch, total_steps,
+                                                                 warmup):  # also resumed from epoch 0
+            replanned = replan_epochs(tc, time.perf_counter() - t0, float(np.median(epoch_times[-REPLAN_EPOCHS:])),
+                                      reserve, done=epoch + 1)
             if replanned != epochs:
-                log.info("budget of %g min: %d epochs instead of %d, from %d timed epochs",
-                         tc.max_minutes, replanned, epochs, epoch + 1)
+                log.log(logging.INFO if epoch < REPLAN_EPOCHS else logging.DEBUG,
+                        "budget of %g min: %d epochs instead of %d, after %d epochs", tc.max_minutes, replanned,
+                        epochs, epoch + 1)
                 epochs, total_steps = replanned, replanned * steps_per_epoch
-                warmup = int(tc.warmup_fraction * total_steps)
+                if (epoch + 1) * steps_per_epoch < warmup:  # still warming up: the ramp follows the plan
+                    warmup = int(tc.warmup_fraction * total_steps)
                 bar.total = epochs
+        record["epochs_planned"] = epochs
         history.append(record)
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record.get('val_loss', float('nan')):.3f}")
         bar.update(1)
