@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import time
+import types
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -189,15 +191,10 @@ def test_budget_is_kept_when_the_machine_slows_down(tiny_category, tmp_path):
     assert (tmp_path / "r" / "model.pt").is_file()
 
 
-def test_budget_replans_when_later_epochs_are_slower(tiny_category, tmp_path, monkeypatch):
-    """A first epoch much faster than the rest (here: validation slows down from the second
-    epoch on): re-planning over the first epochs fits the whole schedule into the budget, so
-    training ends with the learning rate decayed instead of being cut short by the budget.
-
-    The fit reads a virtual clock (1 ms per reading, 10 s per slow validation), so the
-    budget's arithmetic does not depend on how loaded the machine running the test is."""
-    import types
-
+def virtual_clock(monkeypatch, validation_seconds: Callable[[int], float]) -> types.SimpleNamespace:
+    """Make ``fit`` read a virtual clock, 1 ms per reading, on which its n-th validation pass
+    takes ``validation_seconds(n)``: a budget's arithmetic then does not depend on how loaded
+    the machine running the test is. Returns the clock (``.now``, seconds)."""
     import adtr.engine
 
     clock = types.SimpleNamespace(now=0.0)
@@ -208,14 +205,23 @@ def test_budget_replans_when_later_epochs_are_slower(tiny_category, tmp_path, mo
 
     real_mean_loss, calls = adtr.engine.mean_loss, []
 
-    def slow_after_the_first(*args, **kwargs):
+    def timed_mean_loss(*args, **kwargs):
         calls.append(1)
-        if len(calls) > 1:
-            clock.now += 10.0
+        clock.now += validation_seconds(len(calls))
         return real_mean_loss(*args, **kwargs)
 
     monkeypatch.setattr(adtr.engine, "time", types.SimpleNamespace(perf_counter=perf_counter))
-    monkeypatch.setattr(adtr.engine, "mean_loss", slow_after_the_first)
+    monkeypatch.setattr(adtr.engine, "mean_loss", timed_mean_loss)
+    return clock
+
+
+def test_budget_replans_when_later_epochs_are_slower(tiny_category, tmp_path, monkeypatch):
+    """A first epoch much faster than the rest (here: validation slows down from the second
+    epoch on): re-planning over the first epochs fits the whole schedule into the budget, so
+    training ends with the learning rate decayed instead of being cut short by the budget.
+
+    The fit reads a virtual clock (10 s per slow validation)."""
+    virtual_clock(monkeypatch, lambda n: 10.0 if n > 1 else 0.0)
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
     cfg = tiny_config(epochs=1000, max_minutes=125 / 60)
     result = fit(cfg, samples, tmp_path / "r")
@@ -236,26 +242,8 @@ def test_budget_replans_when_later_epochs_are_faster(tiny_category, tmp_path, mo
     """The first six epochs slow (other work on a shared machine), the rest five times faster:
     the fit keeps re-planning while its learning rate is at the peak, so it uses its budget
     instead of ending with the plan of its first five epochs (10 epochs, about 70 of 125 s),
-    and the rate never goes back up. A virtual clock as in the test above."""
-    import types
-
-    import adtr.engine
-
-    clock = types.SimpleNamespace(now=0.0)
-
-    def perf_counter():
-        clock.now += 1e-3
-        return clock.now
-
-    real_mean_loss, calls = adtr.engine.mean_loss, []
-
-    def fast_after_six(*args, **kwargs):
-        calls.append(1)
-        clock.now += 10.0 if len(calls) <= 6 else 2.0
-        return real_mean_loss(*args, **kwargs)
-
-    monkeypatch.setattr(adtr.engine, "time", types.SimpleNamespace(perf_counter=perf_counter))
-    monkeypatch.setattr(adtr.engine, "mean_loss", fast_after_six)
+    and the rate never goes back up."""
+    clock = virtual_clock(monkeypatch, lambda n: 10.0 if n <= 6 else 2.0)
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
     cfg = tiny_config(epochs=1000, max_minutes=125 / 60)
     ends: list[float] = []
