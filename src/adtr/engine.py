@@ -325,7 +325,7 @@ def may_replan(cfg: TrainConfig, done: int, steps_per_epoch: int, total_steps: i
     (:func:`full_rate_end`), which for ``warmup-stable-decay`` (the default) is most of the fit.
     A plan drawn from a slow first few minutes (other work on a shared machine) would otherwise
     leave the rest of the budget unused: a 40-minute bottle fit on the Intel CPU timed its first
-    epochs at 14-16 s and the rest at 11-12 s, and ended after 30 minutes. Once the rate decays
+    epochs at 11-16 s and the rest at about 11.7 s, and ended after 30 minutes. Once the rate decays
     the plan stays, so that a longer one never sends the rate back up."""
     return done <= REPLAN_EPOCHS or done * steps_per_epoch < full_rate_end(cfg.schedule, total_steps, warmup,
                                                                            cfg.step_at)
