@@ -334,9 +334,9 @@ def may_replan(cfg: TrainConfig, done: int, steps_per_epoch: int, total_steps: i
 def replan_epochs(cfg: TrainConfig, elapsed_seconds: float, epoch_seconds: float, reserve_seconds: float,
                   done: int = 1) -> int:
     """Epochs for a ``max_minutes`` budget once ``done`` whole epochs (training and validation)
-    have been timed, ``epoch_seconds`` being their median: the step probe misses
-    those overheads, so this is the estimate that keeps the fit, features and calibration
-    included, within the budget. ``fit`` re-plans after each of the first
+    have been timed, ``epoch_seconds`` being the median of the latest :data:`REPLAN_EPOCHS` of
+    them: the step probe misses those overheads, so this is the estimate that keeps the fit,
+    features and calibration included, within the budget. ``fit`` re-plans after each of the first
     :data:`REPLAN_EPOCHS` epochs, so that a first epoch faster than the rest does not plan a
     schedule that the budget then cuts short before its learning rate has decayed, and on
     while the rate is at its peak (:func:`may_replan`), so that slower first epochs do not
@@ -555,7 +555,7 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
     warmup = int(tc.warmup_fraction * total_steps)
     if state is not None:
         warmup = state.get("warmup_steps", warmup)
-    if state is None:
+    else:
         # Epoch 0: from now on the folder holds a resumable run, so Ctrl-C or a kill during the
         # first epoch loses no more than that epoch (resuming from it equals a fresh start).
         save_last(0)
