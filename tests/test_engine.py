@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import time
 import types
 from collections.abc import Callable
@@ -253,6 +254,35 @@ def test_budget_replans_when_later_epochs_are_faster(tiny_category, tmp_path, mo
     lrs = [record["lr"] for record in result.history]
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # past the warm-up the rate only falls
     assert lrs[-1] < 0.2 * cfg.train.lr  # and the decay ran to its end
+
+
+def test_budget_shrinks_the_plan_when_the_decay_slows_down(tiny_category, tmp_path, monkeypatch, caplog):
+    """Epochs half as slow again once the rate has started to decay: the plan may no longer
+    grow, but it shrinks, so the decay ends inside the budget with the schedule's final rate
+    instead of the budget cutting it off part-way down (the rate still never rises)."""
+    state = {"peak": False, "decaying": False}
+    clock = virtual_clock(monkeypatch, lambda n: 3.0 if state["decaying"] else 2.0)
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    cfg = tiny_config(epochs=1000, max_minutes=125 / 60)
+    ends: list[float] = []
+
+    def on_epoch(record):
+        ends.append(clock.now)
+        state["peak"] = state["peak"] or record["lr"] >= 0.999 * cfg.train.lr
+        state["decaying"] = state["peak"] and record["lr"] < 0.999 * cfg.train.lr
+
+    with caplog.at_level(logging.WARNING, logger="adtr.engine"):
+        result = fit(cfg, samples, tmp_path / "r", on_epoch=on_epoch)
+    assert state["decaying"] and ends[-1] <= 125  # the slow-down happened; the budget held
+    assert "budget is spent" not in caplog.text  # the plan ended the fit, not the budget's cut-off
+    plans = [record["epochs_planned"] for record in result.history]
+    lrs = [record["lr"] for record in result.history]
+    first_peak = next(i for i, lr in enumerate(lrs) if lr >= 0.999 * cfg.train.lr)
+    decay_from = next(i for i, lr in enumerate(lrs) if i > first_peak and lr < 0.999 * cfg.train.lr)
+    assert plans[-1] == result.epochs == len(result.history) < plans[decay_from - 1]  # shrunk in the decay
+    assert all(a >= b for a, b in zip(plans[decay_from:], plans[decay_from + 1:]))  # and never grew there
+    assert all(a >= b for a, b in zip(lrs[first_peak:], lrs[first_peak + 1:]))  # past the warm-up it only falls
+    assert lrs[-1] < 0.05 * cfg.train.lr  # the decay ran to its end (a plan fixed in the decay: cut 5 epochs short)
 
 
 def test_may_replan_while_the_rate_is_at_its_peak():
