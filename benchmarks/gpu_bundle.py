@@ -32,11 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def resized_copy(source: Path, target: Path, size: int, mask: bool) -> None:
-    """Write ``source`` resized to ``size`` as a PNG at ``target`` and check that the loader
-    reads the same tensor from both (raises ``AdtrError`` naming the file if not)."""
+    """Write what the loader reads from ``source`` at ``size`` as a PNG at ``target``, and check
+    that it reads the same tensor back (raises ``AdtrError`` naming the file if not)."""
     import torch
 
-    from adtr.data.images import image_to_tensor, read_image, read_mask, to_rgb
+    from adtr.data.images import image_to_tensor, read_image, read_mask
     from adtr.errors import file_error
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -45,8 +45,9 @@ def resized_copy(source: Path, target: Path, size: int, mask: bool) -> None:
         Image.fromarray(reference.numpy().astype(np.uint8) * 255).save(target)
         same = torch.equal(read_mask(target, size), reference)
     else:
-        reference = image_to_tensor(read_image(source), size)
-        to_rgb(read_image(source)).resize((size, size), Image.Resampling.BILINEAR).save(target)
+        reference = image_to_tensor(read_image(source), size)  # (3, S, S), uint8 values / 255
+        pixels = reference.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(target)
         same = torch.equal(image_to_tensor(read_image(target), size), reference)
     if not same:
         raise file_error(source, f"its {size}x{size} copy reads back differently from the original")

@@ -313,16 +313,16 @@ class TrainingForward:
         return self.model(x)
 
 
-#: A ``max_minutes`` fit re-plans its epoch count after each of its first epochs, and after
-#: every later one while the learning rate is still at its peak (see :func:`may_replan`); each
-#: plan times an epoch as the median of this many latest epochs.
+#: A ``max_minutes`` fit re-plans its epoch count after every epoch, a longer plan only while
+#: :func:`may_replan` allows it; each plan times an epoch as the median of this many latest epochs.
 REPLAN_EPOCHS = 5
 
 
 def may_replan(cfg: TrainConfig, done: int, steps_per_epoch: int, total_steps: int, warmup: int) -> bool:
-    """Whether a ``max_minutes`` fit re-plans after ``done`` epochs: always over the first
-    :data:`REPLAN_EPOCHS`, then for as long as the rate has not left its peak
-    (:func:`full_rate_end`), which for ``warmup-stable-decay`` (the default) is most of the fit.
+    """Whether a ``max_minutes`` fit may take a longer plan after ``done`` epochs (a shorter one
+    it takes at any time): always over the first :data:`REPLAN_EPOCHS`, then for as long as
+    the rate has not left its peak (:func:`full_rate_end`), which for ``warmup-stable-decay``
+    (the default) is most of the fit.
     A plan drawn from a slow first few minutes (other work on a shared machine) would otherwise
     leave the rest of the budget unused: a 40-minute bottle fit on the Intel CPU timed its first
     epochs at 11-16 s and the rest at about 11.7 s, and ended after 30 minutes. Once the rate decays
