@@ -216,6 +216,14 @@ def virtual_clock(monkeypatch, validation_seconds: Callable[[int], float]) -> ty
     return clock
 
 
+def budget_config() -> RunConfig:
+    """A fit of up to 1000 epochs in a 125 s budget (on the virtual clock) with a one-layer,
+    32-wide transformer: the budget tests check the engine's arithmetic, which the model's
+    size does not enter, and with the default transformer they took 10-45 s each."""
+    return with_overrides(tiny_config(epochs=1000, max_minutes=125 / 60), "model", dim=32, num_heads=2,
+                          ffn_dim=64, num_encoder_layers=1, num_decoder_layers=1)
+
+
 def test_budget_replans_when_later_epochs_are_slower(tiny_category, tmp_path, monkeypatch):
     """A first epoch much faster than the rest (here: validation slows down from the second
     epoch on): re-planning over the first epochs fits the whole schedule into the budget, so
@@ -224,7 +232,7 @@ def test_budget_replans_when_later_epochs_are_slower(tiny_category, tmp_path, mo
     The fit reads a virtual clock (10 s per slow validation)."""
     virtual_clock(monkeypatch, lambda n: 10.0 if n > 1 else 0.0)
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
-    cfg = tiny_config(epochs=1000, max_minutes=125 / 60)
+    cfg = budget_config()
     result = fit(cfg, samples, tmp_path / "r")
     # 10 s an epoch and 20 s kept for calibration: 11 epochs in 125 s.
     assert 2 <= result.epochs < 15
@@ -246,7 +254,7 @@ def test_budget_replans_when_later_epochs_are_faster(tiny_category, tmp_path, mo
     and the rate never goes back up."""
     clock = virtual_clock(monkeypatch, lambda n: 10.0 if n <= 6 else 2.0)
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
-    cfg = tiny_config(epochs=1000, max_minutes=125 / 60)
+    cfg = budget_config()
     ends: list[float] = []
     result = fit(cfg, samples, tmp_path / "r", on_epoch=lambda record: ends.append(clock.now))
     assert 100 <= ends[-1] <= 125  # the budget used, not overrun
@@ -263,7 +271,7 @@ def test_budget_shrinks_the_plan_when_the_decay_slows_down(tiny_category, tmp_pa
     state = {"peak": False, "decaying": False}
     clock = virtual_clock(monkeypatch, lambda n: 3.0 if state["decaying"] else 2.0)
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
-    cfg = tiny_config(epochs=1000, max_minutes=125 / 60)
+    cfg = budget_config()
     ends: list[float] = []
 
     def on_epoch(record):
