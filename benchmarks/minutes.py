@@ -145,7 +145,8 @@ def markdown(rows: list[dict]) -> str:
             "caching, training and calibration), metrics on the test split; the last column names the "
             "model and training options that differ from the defaults of the code that renders this table. "
             f"Machine: {'; '.join(machines)}.\n\n"
-            + "\n".join(lines) + "\n\n" + "\n".join(check) + "\n"
+            + "\n".join(lines) + "\n"
+            + ("\n" + "\n".join(check) + "\n" if len(check) > 2 else "")  # no 10- and 40-minute pair: no table
             + ("\n" + "\n".join(spread) + "\n" if spread else ""))
 
 

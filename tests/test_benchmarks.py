@@ -130,6 +130,7 @@ def test_minutes_table_checks_the_10_minute_fit_against_the_40_minute_one():
     assert "| 0.20 | yes |" in close
     dirty = minutes.markdown([{**row(10, 0.970, 0.950, 0.880), "commit": "0123456789abcdef+uncommitted"}])
     assert "| 0123456789ab+uncommitted | defaults |" in dirty  # code that differed from its commit says so
+    assert "within 0.3 |" not in dirty  # no 40-minute fit to compare with: no empty target table
     far = minutes.markdown([row(10, 0.967, 0.949, 0.877), row(40, 0.977, 0.954, 0.888)])
     assert "| 1.10 | no |" in far
     # A 40-minute fit of another model (a default changed in between) is no reference.
