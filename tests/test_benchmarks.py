@@ -117,6 +117,29 @@ def test_stage_errors_rebuilds_the_runs_own_map_and_splits_it_by_stage(tiny_run,
     assert "| fabric | stage 3 alone |" in stage_errors.markdown(rows, {"fabric": str(tiny_run)}, "abc")
 
 
+def test_score_options_rescore_the_run_and_match_adtr_test_at_its_own_settings(tiny_run, tiny_category):
+    """benchmarks/score_options.py: at the run's own sigma and pool the metrics are `adtr test`'s;
+    other settings change them (the map and the score are really recomputed)."""
+    from adtr.data import index_mvtec
+    from adtr.detector import Detector
+    from adtr.evaluate import evaluate
+
+    score_options = load_script("score_options")
+    rows = score_options.analyse(tiny_category.parent, tiny_category.name, tiny_run, [0, 4], [1, 32])
+    assert len(rows) == 4
+    own = [r for r in rows if r["run_setting"]]
+    assert [(r["sigma"], r["pool"]) for r in own] == [(4, 32)]  # the defaults the tiny run was fitted with
+    reference = evaluate(Detector.load(tiny_run), index_mvtec(tiny_category.parent, tiny_category.name, "test"))
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert abs(own[0][key] - reference.metrics[key]) < 1e-6
+    by = {(r["sigma"], r["pool"]): r for r in rows}
+    assert by[0, 1]["pixel_auroc"] == by[0, 32]["pixel_auroc"]  # pixel metrics depend on sigma only
+    assert by[0, 1]["aupro"] != by[4, 1]["aupro"] or by[0, 1]["pixel_auroc"] != by[4, 1]["pixel_auroc"]
+    text = score_options.markdown(rows, {"fabric": str(tiny_run)}, "abc")
+    assert "## fabric" in text and "| image AUROC, pool 1 px | image AUROC, pool 32 px |" in text
+    assert text.count("**") == 2  # the run's own cell, once
+
+
 def test_minutes_table_checks_the_10_minute_fit_against_the_40_minute_one():
     minutes = load_script("minutes")
 
