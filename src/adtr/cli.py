@@ -514,7 +514,7 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--variants", type=int, help="confetti variants cached per training image (default 4)")
     g.add_argument("--refresh-every", type=int, help="epochs between confetti redraws (default 10; 0 = never)")
     g = p.add_argument_group("scoring")
-    g.add_argument("--sigma", type=float, help="Gaussian smoothing of maps in pixels (default 4, 0 = off)")
+    g.add_argument("--sigma", type=float, help="Gaussian smoothing of maps in pixels (default 0 = off)")
     g.add_argument("--pool-size", type=int, help="average-pool window in pixels for the image score (default 32)")
     g.add_argument("--target-fpr", type=float, help="false-positive rate on held-out good images (default 0.01)")
     g.add_argument("--threshold-rule", choices=THRESHOLD_RULES,
