@@ -6,9 +6,10 @@ The map is the run's reconstruction error (Eq. 2-3) upsampled to the image and s
 with a Gaussian of ``--sigmas`` px (``fit --sigma``); the image score is the maximum of
 the map's ``--pools`` px box average (``fit --pool-size``; 1 is the plain maximum). The
 model of each run is fixed and only this post-processing changes, so the table shows how
-sensitive the metrics are to the two settings. It is measured on the test split: read it
-as sensitivity, not as a way to pick a run's settings (a run keeps the ones it was
-calibrated with). Writes ``score_options.md`` and ``.json``.
+sensitive the metrics are to the two settings. It is measured on the test split, so a
+default set from it is set on those categories' test data: the training notes give the
+reason that carries today's ``--sigma 0`` beyond them. A run keeps the settings it was
+calibrated with. Writes ``score_options.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def markdown(rows: list[dict], runs: dict[str, str], commit: str) -> str:
     lines = ["# Smoothing and pooling of the map: how much they matter", "",
              f"Commit `{commit}`; runs: " + ", ".join(f"{c} `{r}`" for c, r in runs.items())
              + ". One trained model per category; only the post-processing changes. Measured on the test "
-             "split: a sensitivity check, not a way to choose a run's settings. Bold: the run's own settings.", ""]
+             "split: how sensitive the metrics are to each setting. Bold: the run's own settings.", ""]
     for category in dict.fromkeys(r["category"] for r in rows):
         mine = [r for r in rows if r["category"] == category]
         pools = sorted({r["pool"] for r in mine})
