@@ -128,9 +128,10 @@ def test_score_options_rescore_the_run_and_match_adtr_test_at_its_own_settings(t
     rows = score_options.analyse(tiny_category.parent, tiny_category.name, tiny_run, [0, 4], [1, 32])
     assert len(rows) == 4
     own = [r for r in rows if r["run_setting"]]
-    score = Detector.load(tiny_run).config.score  # the defaults the tiny run was fitted with
+    det = Detector.load(tiny_run)
+    score = det.config.score  # the defaults the tiny run was fitted with
     assert [(r["sigma"], r["pool"]) for r in own] == [(score.sigma, score.pool_size)]
-    reference = evaluate(Detector.load(tiny_run), index_mvtec(tiny_category.parent, tiny_category.name, "test"))
+    reference = evaluate(det, index_mvtec(tiny_category.parent, tiny_category.name, "test"))
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert abs(own[0][key] - reference.metrics[key]) < 1e-6
     by = {(r["sigma"], r["pool"]): r for r in rows}
