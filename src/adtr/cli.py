@@ -24,8 +24,8 @@ from pathlib import Path
 
 from adtr import __version__
 from adtr.checkpoint import atomic_write_bytes
-from adtr.config import (CROSS_INITS, ENGINES, OPTIMIZERS, POS_INITS, RECONSTRUCTORS, SCHEDULES, THRESHOLD_RULES,
-                          RunConfig, with_overrides)
+from adtr.config import (CROSS_INITS, ENGINES, INFERENCE_PRECISIONS, OPTIMIZERS, POS_INITS, RECONSTRUCTORS,
+                          SCHEDULES, THRESHOLD_RULES, RunConfig, with_overrides)
 from adtr.errors import AdtrError
 
 log = logging.getLogger("adtr")
@@ -211,7 +211,7 @@ def evaluate_run(args: argparse.Namespace):
 
     if getattr(args, "top_k", 0) < 0:
         raise AdtrError(f"--top-k {args.top_k}: the gallery size must be >= 0")
-    det = Detector.load(args.run)
+    det = Detector.load(args.run, precision=args.precision, engine=args.engine)
     samples = resolve_test_samples(Path(args.data), Path(args.masks) if args.masks else None)
     validate_readable(samples)
     return det, samples, evaluate(det, samples)
@@ -417,9 +417,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_inference_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
-                   help="fp32 (default: the reference the threshold was calibrated with) or bf16 autocast "
-                        "(faster on AMX/AVX512-BF16 CPUs and GPUs; scores within about 1%%)")
+    p.add_argument("--precision", choices=[*INFERENCE_PRECISIONS, "auto"], default="fp32",
+                   help="fp32 (default: the reference the threshold was calibrated with), bf16 autocast "
+                        "(faster on AMX/AVX512-BF16 CPUs and GPUs; scores within about 1%%) or int8 "
+                        "(--engine compile on x86 CPUs: the transformer's linear layers in int8; maps within "
+                        "about 1e-3 of fp32)")
     p.add_argument("--engine", choices=ENGINES, default="torch",
                    help="torch (default); onnx: onnxruntime with RUN/model.onnx from `adtr export` (fp32); "
                         "compile: torch.compile, fastest after about 30 s of compilation per batch size")
@@ -556,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     p.add_argument("--top-k", type=int, default=8,
                    help="report gallery: worst false positives and negatives (default 8)")
+    add_inference_options(p)  # measure the engine and precision that will be deployed
     p.set_defaults(func=cmd_test)
     p = sub.add_parser("report", help="metrics, curves and worst cases of a run as one self-contained HTML file")
     p.add_argument("run", help="run folder")
@@ -563,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", help="mask folder mirroring the defect folders (plain layout)")
     p.add_argument("--out", help="HTML file to write (default RUN/test/report.html)")
     p.add_argument("--top-k", type=int, default=8, help="gallery: worst false positives and negatives (default 8)")
+    add_inference_options(p)
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("predict", help="score new images, write CSV/JSON and overlays")
     p.add_argument("run", help="run folder")

@@ -15,6 +15,9 @@ from adtr.errors import AdtrError
 
 #: Inference engines of ``Detector.load`` and ``adtr predict/serve --engine``.
 ENGINES = ("torch", "onnx", "compile")
+#: Precisions of ``Detector.load`` and ``adtr predict/serve/test --precision`` (besides ``auto``);
+#: int8 with the compile engine only (see ``adtr.quantize``).
+INFERENCE_PRECISIONS = ("fp32", "bf16", "int8")
 #: Reconstruction networks (``ModelConfig.reconstructor``): the paper's model and its Table-4 ablations.
 RECONSTRUCTORS = ("transformer", "no-attention", "no-query", "cnn")
 #: Initial values of the learned position embedding (``ModelConfig.pos_init``; see ``adtr.models.adtr.ADTR``).

@@ -20,7 +20,7 @@ from PIL import Image
 
 from adtr import checkpoint as ckpt_io
 from adtr.calibrate import active_expected_fpr
-from adtr.config import ENGINES, RunConfig
+from adtr.config import ENGINES, INFERENCE_PRECISIONS, RunConfig
 from adtr.data.images import image_to_tensor, read_image, to_rgb
 from adtr.engine import default_device, resolve_precision, restore_networks
 from adtr.errors import AdtrError
@@ -77,6 +77,8 @@ class Detector:
     #: Set by ``load(..., engine="onnx" | "compile")``: scoring then runs the exported graph
     #: in onnxruntime, or the Inductor-compiled one.
     scorer: OnnxScorer | CompiledScorer | None = None
+    #: The engine it scores with (``load``'s ``engine``).
+    engine: str = "torch"
 
     def __init__(self, config: RunConfig, network: ADTRDetector, calibration: dict[str, Any],
                  device: torch.device, precision: str = "fp32") -> None:
@@ -85,8 +87,8 @@ class Detector:
         self.calibration = calibration
         self.device = device
         self.precision = resolve_precision(precision, device)
-        if self.precision not in ("fp32", "bf16"):
-            raise AdtrError(f"unknown precision {precision!r} (use fp32, bf16 or auto)")
+        if self.precision not in INFERENCE_PRECISIONS:
+            raise AdtrError(f"unknown precision {precision!r} (use {', '.join(INFERENCE_PRECISIONS)} or auto)")
         self.scoring = ScoringModel(self.network, config.model.image_size, config.score.sigma,
                                     config.score.pool_size).to(device)
 
@@ -98,7 +100,9 @@ class Detector:
         ``precision``: ``fp32`` (the reference, and what the threshold was calibrated
         with) or ``bf16`` autocast (faster where the hardware has bf16 units; image scores
         within about 1% of fp32, so a score very close to the threshold may flip), or
-        ``auto`` (bf16 where it is fast).
+        ``auto`` (bf16 where it is fast), or ``int8`` with ``engine="compile"`` on an x86
+        CPU (the transformer's linear layers in int8, see :mod:`adtr.quantize`: faster
+        where there is no fast bf16, maps within about 1e-3 of fp32).
         ``engine``: ``torch``; ``onnx`` to score with onnxruntime and the graph that
         ``adtr export RUN --format onnx`` wrote to ``RUN/model.onnx`` (fp32 only; maps
         within 1e-4 relative of torch); or ``compile`` for ``torch.compile`` (see
@@ -107,6 +111,8 @@ class Detector:
         """
         if engine not in ENGINES:
             raise AdtrError(f"unknown engine {engine!r} (use {', '.join(ENGINES)})")
+        if precision == "int8" and engine != "compile":
+            raise AdtrError("precision int8 runs in the compiled engine only: add --engine compile")
         if engine == "onnx" and precision != "fp32":
             raise AdtrError(f"the onnx engine runs the exported fp32 graph; precision {precision!r} needs engine torch")
         path = ckpt_io.find_run_file(Path(run))
@@ -114,6 +120,7 @@ class Detector:
         config, backbone, model = restore_networks(ckpt, path)
         device = torch.device(device) if device is not None else default_device()
         det = cls(config, ADTRDetector(backbone, model).to(device), ckpt["calibration"], device, precision)
+        det.engine = engine
         if engine == "onnx":
             from adtr.export import scorer_for_run
 
@@ -165,6 +172,8 @@ class Detector:
         """(B, 3, S, S) in [0, 1] -> maps (B, S, S) and scores (B,)."""
         if self.scorer is not None:
             return self.scorer.score_tensors(images)
+        if self.precision == "int8":
+            raise AdtrError("precision int8 runs in the compiled engine only: Detector.load(..., engine='compile')")
         pmap, score = self.scoring(images.to(self.device), self.precision)
         return pmap[:, 0].cpu(), score.cpu()
 

@@ -95,6 +95,7 @@ class RunInfo:
         if cfg.plus.loss != "none":
             details["ADTR+"] = f"{cfg.plus.loss} loss, {cfg.plus.source} anomalies"
         details["scoring"] = f"sigma {cfg.score.sigma:g} px, pool {cfg.score.pool_size} px"
+        details["inference"] = f"{detector.precision}, engine {detector.engine}"
         cal = detector.calibration
         if cal.get("mode") == "f1":  # switched by `adtr calibrate`
             details["calibration"] = f"F1-optimal threshold on {cal.get('f1_images', '?')} labelled images"
