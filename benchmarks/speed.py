@@ -17,7 +17,8 @@
 6. onnxruntime: ms/image at both batch sizes for the exported full model (one ONNX
    graph: backbone, transformer, map and score; ``adtr export``), same thread count.
 7. torch.compile (``--engine compile``): the same full model compiled by Inductor, in
-   the same precisions, ms/image at both batch sizes, compile time, agreement with eager fp32.
+   the same precisions (and int8 where it runs: x86 CPUs with torchao), ms/image at both
+   batch sizes, compile time, agreement with eager fp32.
 
 ``--before results/speed_before.json`` adds that earlier result beside this one (the
 committed tables compare with the run before this project's optimisations).
@@ -84,10 +85,21 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device, repeats: int = 10, e
 
 def count_flops(fn) -> int:
     """FLOPs of ``fn()``; call it on modules without trainable parameters (the counter's
-    module tracker trips over parameters that require grad inside no_grad)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    module tracker trips over parameters that require grad inside no_grad).
 
-    with FlopCounterMode(display=False) as counter:
+    torch's counter has a formula for the GPU attention kernels but none for the CPU's
+    (``_scaled_dot_product_flash_attention_for_cpu``), so on a CPU it counted attention as
+    free: 0.80 of the default model's 5.24 GFLOP per image went uncounted in every table
+    before 2026-12-07. The GPU kernels' formula (two matmuls of L x L x head size per head)
+    is given to it here.
+    """
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops}
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -152,6 +164,19 @@ def timed_precisions(requested: list[str], fast_bf16: bool) -> list[str]:
     if "auto" in requested:
         chosen |= {"fp32", "bf16"} if fast_bf16 else {"fp32"}
     return [p for p in ("fp32", "bf16") if p in chosen]
+
+
+def int8_if_supported(device: torch.device) -> list[str]:
+    """``["int8"]`` where ``--precision int8`` runs (x86 CPU with torchao), else nothing."""
+    from adtr.errors import AdtrError
+    from adtr.quantize import require_int8_support
+
+    try:
+        require_int8_support(device)
+    except AdtrError as exc:
+        print(f"compiled int8 rows skipped: {exc}")
+        return []
+    return ["int8"]
 
 
 def compiled_latency(backbone, model, cfg, images: torch.Tensor, batches, device: torch.device,
@@ -250,7 +275,7 @@ def main() -> None:
             }
 
     compiled = {"skipped": "--skip compiled"} if "compiled" in args.skip else \
-        compiled_latency(backbone, model, cfg, images, args.batches, cpu, precisions)
+        compiled_latency(backbone, model, cfg, images, args.batches, cpu, precisions + int8_if_supported(cpu))
     onnx = {"skipped": "--skip onnx"} if "onnx" in args.skip else \
         onnx_latency(backbone, model, cfg, images, args.batches, cpu)
     if "skipped" in onnx:
@@ -349,14 +374,17 @@ def markdown(r: dict, before: dict | None = None) -> str:
                   "| precision, batch | ms/img total | images/s | roofline fraction | compile (s) | "
                   "max map difference from eager fp32 | max score difference |", "|---|---|---|---|---|---|---|"]
         flops = g["backbone"] + g["transformer_map_score"]
+        fp32 = r["roofline_gflops"]["fp32"]  # int8's rows: against the fp32 roofline, the bound it has to beat
         for precision, row in compiled.items():
             for key in (k for k in row if k.startswith("b")):
                 v = row[key]
                 lines.append(f"| {precision}, batch {key[1:]} | {v['ms_total']:.1f} | {v['images_per_s']:.1f} | "
-                             f"{flops / (v['ms_total'] / 1000) / r['roofline_gflops'][precision]:.2f} | "
+                             f"{flops / (v['ms_total'] / 1000) / r['roofline_gflops'].get(precision, fp32):.2f} | "
                              f"{row['compile_seconds_' + key]:.0f} | {row['max_relative_map_difference']:.1e} | "
                              f"{row['max_relative_score_difference']:.1e} |")
-        lines.append("\n(differences relative to the largest map value and to each score)")
+        lines.append("\n(differences relative to the largest map value and to each score" +
+                     ("; int8: the transformer's linear layers in int8, one image at a time, its roofline fraction "
+                      "against fp32's)" if "int8" in compiled else ")"))
     onnx = r.get("onnxruntime", {"skipped": "not measured"})
     if "skipped" in onnx:
         lines.append(f"\nonnxruntime: skipped ({onnx['skipped']}).")

@@ -326,6 +326,17 @@ def test_interleaved_timing_takes_turns_in_both_orders():
     assert calls == ["a", "b", "b", "a", "a", "b"] and set(medians) == {"a", "b"}
 
 
+def test_flop_count_includes_attention_on_the_cpu():
+    """Two (L x L x hs) matmuls per head: 4 B nh L^2 hs FLOPs, which torch's counter alone misses on a CPU."""
+    import torch
+    import torch.nn.functional as F
+
+    speed = load_script("speed")
+    b, nh, length, hs = 2, 4, 64, 16
+    q = k = v = torch.rand(b, nh, length, hs)
+    assert speed.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 4 * b * nh * length**2 * hs
+
+
 def test_speed_times_bf16_by_default_only_where_it_is_fast():
     speed = load_script("speed")
     assert speed.timed_precisions(["auto"], fast_bf16=True) == ["fp32", "bf16"]
