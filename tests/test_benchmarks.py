@@ -247,6 +247,22 @@ def test_speed_table_on_a_tiny_run_leaves_out_skipped_rows(tiny_run, tmp_path):
     assert "bf16 not timed: this hardware has no fast bf16" in table
 
 
+def test_speed_table_gives_int8_rows_against_the_fp32_roofline():
+    speed = load_script("speed")
+    row = {"b1": {"ms_total": 20.0, "images_per_s": 50.0}, "compile_seconds_b1": 40.0,
+           "max_relative_map_difference": 3e-4, "max_relative_score_difference": 1e-4}
+    result = {"commit": "0" * 40, "torch": "x", "threads": 2, "device": "cpu", "machine": "m", "image_size": 256,
+              "backbone": "b", "roofline_gflops": {"fp32": 200.0, "bf16": 50.0}, "train_step_gflops": 100.0,
+              "gflops_per_image": {"backbone": 1.0, "transformer_map_score": 3.0}, "train_batch_size": 8,
+              "fast_bf16": False, "precisions": ["fp32"], "latency": {}, "train": {},
+              "compiled": {"fp32": {**row, "b1": {"ms_total": 40.0, "images_per_s": 25.0}}, "int8": row},
+              "onnxruntime": {"skipped": "x"}, "bf16_max_relative_score_difference": None, "peak_rss_mb": 1.0}
+    table = speed.markdown(result)
+    assert "| fp32, batch 1 | 40.0 | 25.0 | 0.50 |" in table
+    assert "| int8, batch 1 | 20.0 | 50.0 | 1.00 |" in table  # 4 GFLOP in 20 ms against fp32's 200 GFLOP/s
+    assert "int8: the transformer's linear layers in int8" in table
+
+
 def test_gpu_script_tried_out_on_the_cpu(tiny_category, tmp_path):
     """benchmarks/gpu.sh end to end with CUDA_REQUIRED=0 on a tiny fit: device time is scarce, so a
     renamed CLI flag or checkpoint key must fail here, not on the GPU."""
