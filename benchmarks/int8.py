@@ -8,9 +8,10 @@
    process (this machine's speed drifts by more than their difference): ms/image at
    batch 1 and 32 (int8 scores a batch one image at a time), and the largest map and
    score differences from eager fp32.
-2. Quality: for each trained run in ``--runs`` (its category in ``--categories``), the MVTec test split scored by eager fp32, compiled
-   fp32 and compiled int8: image AUROC, pixel AUROC, AUPRO, the largest score difference
-   from eager fp32, and the test images whose decision at the run's threshold changed.
+2. Quality: for each trained run in ``--runs`` (its category in ``--categories``), the
+   MVTec test split scored by eager fp32, compiled fp32 and compiled int8: image AUROC,
+   pixel AUROC, AUPRO, the largest score difference from eager fp32, and the test images
+   whose decision at the run's threshold changed.
 
 Writes ``NAME.json`` and ``NAME.md`` to ``--out``.
 """
@@ -55,7 +56,8 @@ def speed(batches: list[int]) -> dict:
             row[precision] = {
                 "compile_seconds": time.perf_counter() - t,
                 "max_relative_map_difference": float((maps - ref_maps[:bs, 0]).abs().max() / ref_maps.abs().max()),
-                "max_relative_score_difference": float(((scores - ref_scores[:bs]).abs() / ref_scores[:bs].abs()).max()),
+                "max_relative_score_difference":
+                    float(((scores - ref_scores[:bs]).abs() / ref_scores[:bs].abs()).max()),
             }
         fns = {p: (lambda s=s: s.score_tensors(x)) for p, s in scorers.items()}
         for precision, seconds in interleaved_median_seconds(fns, 30 if bs == 1 else 5).items():

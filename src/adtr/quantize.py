@@ -5,9 +5,9 @@
 Why only the linear layers: they hold 72% of the model's FLOPs (the encoder's and
 decoder's projections and FFNs) and already run at the fp32 matmul roofline, so on a CPU
 without fast bf16 int8 (VNNI) is the one way left to make them faster. The backbone's
-convolutions, the attention itself and the anomaly map stay fp32: in a trial (static scales), quantising
-the convolutions as well saved a further 1.4 ms at batch 1 but moved maps by 2% of their
-largest value, where linear layers alone stay within about 1e-3
+convolutions, the attention itself and the anomaly map stay fp32: in a trial with static
+scales, quantising the convolutions as well saved a further 1.4 ms at batch 1 but moved
+maps by 2% of their largest value, where linear layers alone stay within about 1e-3
 (benchmarks/results/int8_icelake.md: 1.17x faster than compiled fp32 at batch 1).
 
 Dynamic quantisation (weights int8 per output channel, each activation's scale taken
