@@ -66,6 +66,13 @@ def speed(batches: list[int]) -> dict:
     return result
 
 
+def agreement(scores: np.ndarray, ref: np.ndarray, threshold: float) -> dict:
+    """Largest score difference relative to each reference score, and the images whose
+    decision (score > threshold) differs from the reference's."""
+    return {"max_relative_score_difference": float((np.abs(scores - ref) / np.abs(ref)).max()),
+            "decisions_changed": int(((scores > threshold) != (ref > threshold)).sum())}
+
+
 def quality(run: Path, root: Path, category: str) -> dict:
     from adtr.data import index_mvtec
     from adtr.detector import Detector
@@ -82,11 +89,8 @@ def quality(run: Path, root: Path, category: str) -> dict:
                       "scores": res.scores.tolist(), "seconds": time.perf_counter() - t,
                       "threshold": det.threshold}
     ref = np.array(rows["eager fp32"]["scores"])
-    threshold = rows["eager fp32"]["threshold"]
     for row in rows.values():
-        scores = np.array(row.pop("scores"))
-        row["max_relative_score_difference"] = float((np.abs(scores - ref) / np.abs(ref)).max())
-        row["decisions_changed"] = int(((scores > threshold) != (ref > threshold)).sum())
+        row.update(agreement(np.array(row.pop("scores")), ref, rows["eager fp32"]["threshold"]))
     return {"run": str(run), "category": category, "n_images": len(samples), "engines": rows}
 
 
@@ -94,15 +98,17 @@ def markdown(r: dict) -> str:
     lines = [f"# int8 inference (cpu: {r['machine']}, {r['threads']} threads, torch {r['torch']})", "",
              f"Commit `{short_commit(r['commit'])}`. `--engine compile --precision int8`: the transformer's "
              "linear layers dynamically quantised to int8 (adtr.quantize), the rest fp32.", "",
-             "## Speed (default model, 256x256, untrained transformer; fp32 and int8 timed in turns)", "",
-             "| batch | compiled fp32 ms/img | compiled int8 ms/img | fp32 / int8 | int8 max map difference | "
-             "int8 max score difference | int8 compile (s) |", "|---|---|---|---|---|---|---|"]
+             "## Speed (default model, 256x256, untrained transformer; fp32 and int8 timed in turns)", ""]
+    lines += ["| batch | compiled fp32 ms/img | compiled int8 ms/img | fp32 / int8 | int8 max map difference | "
+              "int8 max score difference | int8 compile (s) |", "|---|---|---|---|---|---|---|"] if r["speed"] else [
+              "Not timed in this run (`--no-speed`)."]
     for key, row in r["speed"].items():
         f, i = row["fp32"], row["int8"]
         lines.append(f"| {key[1:]} | {f['ms_per_image']:.1f} | {i['ms_per_image']:.1f} | "
                      f"{f['ms_per_image'] / i['ms_per_image']:.2f}x | {i['max_relative_map_difference']:.1e} | "
                      f"{i['max_relative_score_difference']:.1e} | {i['compile_seconds']:.0f} |")
-    lines += ["", "(differences from eager fp32: maps relative to their largest value, scores to each score)"]
+    if r["speed"]:
+        lines += ["", "(differences from eager fp32: maps relative to their largest value, scores to each score)"]
     if r["quality"]:
         lines += ["", "## Quality on trained runs (MVTec test split)", "",
                   "| category | engine | image AUROC | pixel AUROC | AUPRO | max score difference | "
@@ -122,13 +128,14 @@ def main() -> None:
     parser.add_argument("--categories", nargs="*", default=[], help="each run's MVTec category, in order")
     parser.add_argument("--root", type=Path, default=HERE.parent.parent / "shared" / "data" / "mvtec_ad")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--no-speed", action="store_true", help="quality on --runs only")
     parser.add_argument("--name", default="int8")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     if len(args.categories) != len(args.runs):
         parser.error(f"{len(args.runs)} runs need as many --categories, got {len(args.categories)}")
     result = {"commit": git_commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "machine": machine_description(), "speed": speed(args.batches),
+              "machine": machine_description(), "speed": {} if args.no_speed else speed(args.batches),
               "quality": [quality(run, args.root, c) for run, c in zip(args.runs, args.categories)]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")

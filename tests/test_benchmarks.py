@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from adtr.config import TrainConfig
 from adtr.data import ImageArray, save_cifar_pickle
@@ -261,6 +262,21 @@ def test_speed_table_gives_int8_rows_against_the_fp32_roofline():
     assert "| fp32, batch 1 | 40.0 | 25.0 | 0.50 |" in table
     assert "| int8, batch 1 | 20.0 | 50.0 | 1.00 |" in table  # 4 GFLOP in 20 ms against fp32's 200 GFLOP/s
     assert "int8: the transformer's linear layers in int8" in table
+
+
+def test_int8_benchmark_counts_changed_decisions_and_tables_without_speed():
+    int8 = load_script("int8")
+    ref = np.array([1.0, 2.0, 4.0])
+    got = int8.agreement(np.array([1.01, 2.0, 3.9]), ref, threshold=3.95)
+    assert got == {"max_relative_score_difference": pytest.approx(0.025), "decisions_changed": 1}
+    engines = {name: {"metrics": {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7}, "seconds": 1.0,
+                      "threshold": 3.95, "max_relative_score_difference": 0.0, "decisions_changed": 0}
+               for name in ("eager fp32", "compiled int8")}
+    result = {"machine": "m", "threads": 2, "torch": "x", "commit": "0" * 40, "speed": {},
+              "quality": [{"category": "grid", "n_images": 3, "engines": engines}]}
+    table = int8.markdown(result)
+    assert "Not timed in this run (`--no-speed`)." in table
+    assert "| grid (3) | compiled int8 | 0.9000 | 0.8000 | 0.7000 | 0.0e+00 | 0 | 1 |" in table
 
 
 def test_gpu_script_tried_out_on_the_cpu(tiny_category, tmp_path):
