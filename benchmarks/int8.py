@@ -19,14 +19,14 @@ Writes ``NAME.json`` and ``NAME.md`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from provenance import git_commit, machine_description, short_commit  # benchmarks/ is on sys.path when a script runs
+from provenance import (git_commit, machine_description, short_commit,  # benchmarks/ is on sys.path when run
+                        write_results)
 from speed import build, interleaved_median_seconds
 
 HERE = Path(__file__).resolve().parent
@@ -137,11 +137,7 @@ def main() -> None:
     result = {"commit": git_commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": machine_description(), "speed": {} if args.no_speed else speed(args.batches),
               "quality": [quality(run, args.root, c) for run, c in zip(args.runs, args.categories)]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    (args.out / f"{args.name}.md").write_text(text)
-    print(text)
+    write_results(args.out, args.name, result, markdown(result))
 
 
 if __name__ == "__main__":

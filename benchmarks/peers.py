@@ -45,7 +45,8 @@ import torch.nn.functional as F
 
 from adtr.postprocess import pixel_anomaly_map
 
-from provenance import git_commit, machine_description, short_commit  # benchmarks/ is on sys.path when a script runs
+from provenance import (git_commit, machine_description, short_commit,  # benchmarks/ is on sys.path when run
+                        write_results)
 
 HERE = Path(__file__).resolve().parent
 BACKBONE = "tf_efficientnet_lite0"
@@ -588,11 +589,7 @@ def main(argv: list[str] | None = None) -> None:
                 new = json.loads(row_json.read_text())
                 rows.extend(new)
                 print(markdown(new), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(rows, indent=2) + "\n")
-    text = report(rows)
-    (args.out / f"{args.name}.md").write_text(text)
-    print(text)
+    write_results(args.out, args.name, rows, report(rows))
 
 
 if __name__ == "__main__":

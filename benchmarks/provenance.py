@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 
 def git_commit() -> str:
@@ -48,3 +51,14 @@ def machine_description() -> str:
     isa = torch.backends.cpu.get_cpu_capability()
     bf16 = "fast bf16" if bf16_is_fast(torch.device("cpu")) else "no fast bf16"
     return f"{name}, {isa}, {bf16}"
+
+
+def write_results(out: Path, name: str, data: Any, table: str) -> None:
+    """``out/NAME.json`` and ``out/NAME.md``, each written whole or not at all (a temporary
+    file renamed into place), and the table printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out / f"{name}.json", json.dumps(data, indent=2) + "\n"), (out / f"{name}.md", table)):
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(text)
+        os.replace(partial, path)
+    print(table)

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from provenance import git_commit, machine_description, short_commit  # benchmarks/ is on sys.path when a script runs
+from provenance import (git_commit, machine_description, short_commit,  # benchmarks/ is on sys.path when run
+                        write_results)
 
 HERE = Path(__file__).resolve().parent
 
@@ -333,12 +334,8 @@ def main() -> None:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cpu.type == "cuda" else None,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     before = json.loads(args.before.read_text()) if args.before else None
-    text = markdown(result, before)
-    (args.out / f"{args.name}.md").write_text(text)
-    print(text)
+    write_results(args.out, args.name, result, markdown(result, before))
 
 
 def markdown(r: dict, before: dict | None = None) -> str:

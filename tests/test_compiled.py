@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,6 +12,8 @@ from adtr.cli import main
 from adtr.data import index_mvtec
 from adtr.detector import Detector
 from adtr.errors import AdtrError
+
+from conftest import assert_compiled_agrees_with_eager
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +40,7 @@ def test_predict_with_the_compiled_engine_matches_eager_fp32(tiny_run, test_imag
 def test_compiled_bf16_agrees_with_fp32_and_pads_smaller_batches(tiny_run):
     """bf16 inside the compiled graph: maps within 2% of their largest value and scores
     within 2% of the fp32 eager reference; a smaller batch reuses the compiled graph."""
-    torch.manual_seed(0)
-    images = torch.rand(3, 3, 64, 64)
-    ref_maps, ref_scores = Detector.load(tiny_run, device="cpu").score_tensors(images)
-    det = Detector.load(tiny_run, device="cpu", engine="compile", precision="bf16")
-    maps, scores = det.score_tensors(images)
-    assert maps.shape == ref_maps.shape and maps.dtype == torch.float32
-    assert float((maps - ref_maps).abs().max()) <= 2e-2 * float(ref_maps.abs().max())
-    np.testing.assert_allclose(scores, ref_scores, rtol=2e-2)
-    assert not torch.equal(scores, ref_scores)  # bf16 really ran
+    det, images, maps, scores = assert_compiled_agrees_with_eager(tiny_run, "bf16", rtol=2e-2)
     one_map, one_score = det.score_tensors(images[1:2])
     assert det.scorer.batch_sizes == {3}  # padded to the compiled batch, not compiled again
     assert torch.equal(one_map[0], maps[1]) and float(one_score[0]) == float(scores[1])

@@ -7,7 +7,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,7 +16,8 @@ from adtr.config import with_overrides
 from adtr.detector import Detector
 from adtr.errors import AdtrError
 from adtr.quantize import quantize_linear_layers, require_int8_support
-from conftest import tiny_config
+
+from conftest import assert_compiled_agrees_with_eager, tiny_config
 
 pytestmark = pytest.mark.skipif("x86" not in torch.backends.quantized.supported_engines,
                                 reason="int8 inference needs an x86 CPU")
@@ -54,15 +54,7 @@ def test_int8_agrees_with_fp32_and_scores_each_image_alone(small_run):
     """Maps within 1% of their largest value, scores within 1% of eager fp32 (measured
     on this run: about 8e-4 and 1e-4); an image's result depends neither on its batch nor
     on how many calls came before (Inductor's in-place residual add, see QueryAsInput)."""
-    torch.manual_seed(0)
-    images = torch.rand(3, 3, 64, 64)
-    ref_maps, ref_scores = Detector.load(small_run, device="cpu").score_tensors(images)
-    det = Detector.load(small_run, device="cpu", engine="compile", precision="int8")
-    maps, scores = det.score_tensors(images)
-    assert maps.shape == ref_maps.shape and maps.dtype == torch.float32
-    assert float((maps - ref_maps).abs().max()) <= 1e-2 * float(ref_maps.abs().max())
-    np.testing.assert_allclose(scores, ref_scores, rtol=1e-2)
-    assert not torch.equal(scores, ref_scores)  # int8 really ran
+    det, images, maps, scores = assert_compiled_agrees_with_eager(small_run, "int8", rtol=1e-2)
     for _ in range(2):  # the same result every call: nothing the graph holds changes between calls
         one_map, one_score = det.score_tensors(images[1:2])
         assert torch.equal(one_map[0], maps[1]) and float(one_score[0]) == float(scores[1])
