@@ -28,11 +28,11 @@ def tiny_config(**train) -> RunConfig:
     return with_overrides(cfg, "train", **{"epochs": 3, "batch_size": 4, "lr": 5e-4, **train})
 
 
-def assert_compiled_agrees_with_eager(run: Path, precision: str, rtol: float):
+def assert_compiled_agrees_with_eager(run: Path, precision: str, rtol: float, det=None):
     """Score three random 64 px images eagerly in fp32 and with the compiled engine in
-    ``precision``; assert maps within ``rtol`` of their largest value, scores within ``rtol``,
-    and not identical (the precision really ran). Returns the compiled detector, the images
-    and its maps and scores."""
+    ``precision`` (``det``, or one loaded here); assert maps within ``rtol`` of their largest
+    value, scores within ``rtol``, and not identical (the precision really ran). Returns the
+    compiled detector, the images and its maps and scores."""
     import numpy as np
 
     from adtr.detector import Detector
@@ -40,7 +40,7 @@ def assert_compiled_agrees_with_eager(run: Path, precision: str, rtol: float):
     torch.manual_seed(0)
     images = torch.rand(3, 3, 64, 64)
     ref_maps, ref_scores = Detector.load(run, device="cpu").score_tensors(images)
-    det = Detector.load(run, device="cpu", engine="compile", precision=precision)
+    det = det or Detector.load(run, device="cpu", engine="compile", precision=precision)
     maps, scores = det.score_tensors(images)
     assert maps.shape == ref_maps.shape and maps.dtype == torch.float32
     assert float((maps - ref_maps).abs().max()) <= rtol * float(ref_maps.abs().max())
