@@ -10,7 +10,8 @@ price is a one-off compilation, about 30 s per batch size on that CPU, so it pay
 serving and for large batches, not for scoring one image from the command line.
 
 Graphs are compiled for fixed batch sizes: a batch smaller than one already compiled is
-padded up to it (its extra rows are discarded) rather than compiled again.
+padded up to it (its extra rows are discarded) rather than compiled again. int8
+(:mod:`adtr.quantize`) compiles one graph, for one image, and scores a batch image by image.
 """
 
 from __future__ import annotations
