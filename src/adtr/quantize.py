@@ -48,13 +48,14 @@ def import_pt2e() -> tuple[Any, Any, Any]:
     return x86, prepare_pt2e, convert_pt2e
 
 
-def require_int8_support(device: torch.device) -> None:
-    """Raise a one-line error where int8 inference cannot run: not an x86 CPU, or no torchao."""
+def require_int8_support(device: torch.device) -> tuple[Any, Any, Any]:
+    """Raise a one-line error where int8 inference cannot run (not an x86 CPU, or no torchao);
+    otherwise :func:`import_pt2e`'s modules."""
     if device.type != "cpu":
         raise AdtrError(f"precision int8 runs on x86 CPUs only (device {device.type}): use bf16 there")
     if "x86" not in torch.backends.quantized.supported_engines:
         raise AdtrError("precision int8 needs an x86 CPU (oneDNN int8 kernels); use fp32 or bf16 on this machine")
-    import_pt2e()
+    return import_pt2e()
 
 
 class QueryAsInput(nn.Module):
@@ -82,14 +83,13 @@ def quantize_linear_layers(model: nn.Module, example: torch.Tensor) -> tuple[nn.
     quantised to int8, for ``torch.compile``: a graph module and the extra tensors to pass
     it after the images, each as a fresh copy per call (see :class:`QueryAsInput`).
     ``example`` fixes the input's shape except its batch size, which stays free."""
-    require_int8_support(example.device)
-    x86, prepare_pt2e, convert_pt2e = import_pt2e()
+    x86, prepare_pt2e, convert_pt2e = require_int8_support(example.device)
     # Exported with a batch of two so the batch size stays symbolic (a batch of one is specialised).
     pair = example[:1].expand(2, *example.shape[1:]).contiguous()
     batch = torch.export.Dim("batch", min=1, max=4096)
-    queries = [name for name, _ in model.named_parameters() if name.endswith("query_embed")]
-    extra = tuple(model.get_parameter(name).detach().clone() for name in queries)
-    wrapped = QueryAsInput(model, queries[0]) if queries else model
+    query = next((name for name, _ in model.named_parameters() if name.endswith("query_embed")), None)
+    extra = () if query is None else (model.get_parameter(query).detach().clone(),)
+    wrapped = model if query is None else QueryAsInput(model, query)
     exported = torch.export.export(wrapped.eval(), (pair, *extra),
                                    dynamic_shapes=({0: batch}, *({} for _ in extra))).module()
     quantizer = x86.X86InductorQuantizer()
