@@ -111,6 +111,24 @@ def test_muon_update_has_adamw_size_and_decays_weights():
     assert torch.allclose(decayed.detach(), torch.full((8, 8), 0.95))
 
 
+def test_muon_moves_a_tall_matrix_as_its_transposed_twin():
+    """A tall matrix joins the batch of the wide shape it transposes to (a feed-forward
+    block's two matrices): its step must be the twin's step, transposed, and one alone
+    must take the same step as in the batch."""
+    torch.manual_seed(0)
+    wide = torch.nn.Parameter(torch.randn(16, 48))
+    tall = torch.nn.Parameter(wide.detach().mT.clone())
+    alone = torch.nn.Parameter(tall.detach().clone())
+    grad = torch.randn(16, 48)
+    before = tall.detach().clone()
+    wide.grad, tall.grad, alone.grad = grad.clone(), grad.mT.clone(), grad.mT.clone()
+    Muon([wide, tall], lr=1e-2, weight_decay=1e-2).step()
+    Muon([alone], lr=1e-2, weight_decay=1e-2).step()
+    assert (tall.detach() - before).abs().max() > 1e-3  # it moved
+    assert torch.allclose(tall.detach(), wide.detach().mT, atol=1e-6)
+    assert torch.allclose(alone.detach(), tall.detach(), atol=1e-6)
+
+
 def test_muon_rms_sets_the_update_size_and_old_states_keep_0_2():
     """``rms`` scales the step (0.8: four times AdamW's size); an optimiser state saved before
     the option existed loads with 0.2, the size it trained with."""

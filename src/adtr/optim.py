@@ -47,11 +47,12 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     if torch.finfo(dtype).bits >= 32 and x.shape[-1] >= 2 * x.shape[-2]:  # Gram form: fp32 and fp64 only
         gram = x @ x.mT
         eye = torch.eye(gram.shape[-1], dtype=dtype, device=gram.device)
-        total = eye
-        for _ in range(steps):
+        total = None
+        for i in range(steps):
             poly = a * eye + b * gram + c * gram @ gram
-            gram = poly @ gram @ poly
-            total = poly @ total
+            total = poly if total is None else poly @ total
+            if i < steps - 1:  # the last step's Gram matrix is never read
+                gram = poly @ gram @ poly
         x = total @ x
     else:
         for _ in range(steps):
@@ -89,7 +90,10 @@ class Muon(torch.optim.Optimizer):
     def step(self) -> None:  # type: ignore[override]
         for group in self.param_groups:
             lr, beta = group["lr"], group["momentum"]
-            by_shape: dict[torch.Size, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+            # Tall matrices join the wide ones of the transposed shape (a feed-forward block's
+            # 1024 x 256 and 256 x 1024: one batch), stacked contiguous: orthogonalising a
+            # transposed view ran 1.4x slower.
+            by_shape: dict[torch.Size, list[tuple[torch.Tensor, bool, torch.Tensor]]] = defaultdict(list)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -98,13 +102,17 @@ class Muon(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - beta)
-                by_shape[p.shape].append((p, p.grad.lerp(buf, beta)))  # Nesterov
+                update = p.grad.lerp(buf, beta)  # Nesterov
+                tall = p.shape[0] > p.shape[1]
+                if tall:
+                    update = update.mT
+                by_shape[update.shape].append((p, tall, update))
             for shape, items in by_shape.items():
-                updates = orthogonalize(torch.stack([u for _, u in items]), group["ns_steps"], self.ns_dtype)
+                updates = orthogonalize(torch.stack([u for _, _, u in items]), group["ns_steps"], self.ns_dtype)
                 scale = group["rms"] * math.sqrt(max(shape))
-                for (p, _), update in zip(items, updates):
+                for (p, tall, _), update in zip(items, updates):
                     p.mul_(1 - lr * group["weight_decay"])
-                    p.add_(update, alpha=-lr * scale)
+                    p.add_(update.mT if tall else update, alpha=-lr * scale)
 
 
 def transformer_matrices(model: nn.Module) -> list[torch.Tensor]:
