@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from provenance import git_commit, machine_description, short_commit  # benchmarks/ is on sys.path when a script runs
+from provenance import (git_commit, machine_description, short_commit,  # benchmarks/ is on sys.path when run
+                        write_results)
 
 HERE = Path(__file__).resolve().parent
 PAPER = "ADTR paper (EfficientNet-B4, 500 epochs): mean of 15 MVTec categories, image AUROC about 96, pixel AUROC 97.2"
@@ -127,11 +128,7 @@ def main() -> None:
             subprocess.run(cmd, check=True)
             rows.append(json.loads(row_json.read_text()))
             print(markdown(rows[-1:]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "mvtec.json").write_text(json.dumps(rows, indent=2) + "\n")
-    text = report(rows, fit_args)
-    (args.out / "mvtec.md").write_text(text)
-    print(text)
+    write_results(args.out, "mvtec", rows, report(rows, fit_args))
 
 
 def report(rows: list[dict], fit_args: list[str]) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -54,11 +53,9 @@ def machine_description() -> str:
 
 
 def write_results(out: Path, name: str, data: Any, table: str) -> None:
-    """``out/NAME.json`` and ``out/NAME.md``, each written whole or not at all (a temporary
-    file renamed into place), and the table printed."""
-    out.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out / f"{name}.json", json.dumps(data, indent=2) + "\n"), (out / f"{name}.md", table)):
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(text)
-        os.replace(partial, path)
+    """``out/NAME.json`` and ``out/NAME.md``, each written whole or not at all, and the table printed."""
+    from adtr.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes((json.dumps(data, indent=2) + "\n").encode(), out / f"{name}.json")
+    atomic_write_bytes(table.encode(), out / f"{name}.md")
     print(table)

@@ -15,7 +15,6 @@ calibrated with. Writes ``score_options.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +75,7 @@ def markdown(rows: list[dict], runs: dict[str, str], commit: str) -> str:
 
 
 def main() -> None:
-    from provenance import git_commit, short_commit
+    from provenance import git_commit, short_commit, write_results
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, required=True, help="MVTec AD root folder")
@@ -90,11 +89,8 @@ def main() -> None:
     rows = [row for category, run in runs.items()
             for row in analyse(args.root, category, Path(run), args.sigmas, args.pools)]
     commit = git_commit()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps({"commit": commit, "runs": runs, "rows": rows},
-                                                          indent=2) + "\n")
-    (args.out / f"{args.name}.md").write_text(markdown(rows, runs, short_commit(commit)))
-    print((args.out / f"{args.name}.md").read_text())
+    write_results(args.out, args.name, {"commit": commit, "runs": runs, "rows": rows},
+                  markdown(rows, runs, short_commit(commit)))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from, not for choosing a map on test data.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +105,7 @@ def markdown(rows: list[dict], runs: dict[str, str], commit: str) -> str:
 
 
 def main() -> None:
-    from provenance import git_commit, short_commit
+    from provenance import git_commit, short_commit, write_results
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, required=True, help="MVTec AD root folder")
@@ -116,11 +115,8 @@ def main() -> None:
     runs = dict(item.split("=", 1) for item in args.run)
     rows = [row for category, run in runs.items() for row in analyse(args.root, category, Path(run))]
     commit = git_commit()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "stage_errors.json").write_text(json.dumps({"commit": commit, "runs": runs, "rows": rows},
-                                                           indent=2) + "\n")
-    (args.out / "stage_errors.md").write_text(markdown(rows, runs, short_commit(commit)))
-    print((args.out / "stage_errors.md").read_text())
+    write_results(args.out, "stage_errors", {"commit": commit, "runs": runs, "rows": rows},
+                  markdown(rows, runs, short_commit(commit)))
 
 
 if __name__ == "__main__":
