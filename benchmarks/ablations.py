@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from adtr.config import PAPER_MODEL, PAPER_TRAIN
-from provenance import short_commit  # benchmarks/ is on sys.path when a script runs
+from provenance import short_commit, write_results  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 
@@ -114,8 +114,7 @@ def main() -> None:
             row = run(args.root, category, variant, args.epochs, extra)
             row["epochs_budget"] = args.epochs
             rows = [r for r in rows if (r["category"], r["variant"]) != (category, variant)] + [row]
-            json_path.write_text(json.dumps(rows, indent=2) + "\n")
-            (args.out / "ablations.md").write_text(markdown(rows, args.epochs))
+            write_results(args.out, "ablations", rows, markdown(rows, args.epochs), echo=False)
     print((args.out / "ablations.md").read_text())
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from provenance import git_commit, machine_description, short_commit  # benchmarks/ is on sys.path when a script runs
+# benchmarks/ is on sys.path when a script runs
+from provenance import git_commit, machine_description, short_commit, write_results
 
 HERE = Path(__file__).resolve().parent
 
@@ -151,8 +152,7 @@ def main() -> None:
         print(row, flush=True)
         rows[name] = row
         ordered = [rows[c] for c in train.classes if c in rows]
-        json_path.write_text(json.dumps({"meta": meta, "rows": ordered}, indent=2) + "\n")
-        (args.out / "cifar10.md").write_text(markdown(ordered, meta))
+        write_results(args.out, "cifar10", {"meta": meta, "rows": ordered}, markdown(ordered, meta), echo=False)
     print((args.out / "cifar10.md").read_text())
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from adtr.checkpoint import atomic_write_bytes
 from adtr.config import RunConfig
 from adtr.data import ImageDataset, index_mvtec
 from adtr.engine import autocast, batch_order, build_backbone, build_model, fit_optimizer, resolve_precision
@@ -73,7 +74,7 @@ def main() -> None:
         f"| speed-up per epoch | {uncached / cached:.2f}x |\n"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    atomic_write_bytes(text.encode(), args.out)
     print(text)
 
 

@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from provenance import git_commit, short_commit  # benchmarks/ is on sys.path when a script runs
+from provenance import git_commit, short_commit, write_results  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 KEYS = ("image_auroc", "pixel_auroc", "aupro")
@@ -116,9 +116,7 @@ def main() -> None:
         row = run_category(args.root, category, args.base_runs / f"base_{category}", work, plus_args,
                            args.control, args.reuse)
         rows = [r for r in rows if r["category"] != category] + [row]
-        args.out.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(rows, indent=2) + "\n")
-        (args.out / "plus.md").write_text(markdown(rows))
+        write_results(args.out, "plus", rows, markdown(rows), echo=False)
         print(markdown([row]), flush=True)
 
 

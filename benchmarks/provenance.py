@@ -52,10 +52,14 @@ def machine_description() -> str:
     return f"{name}, {isa}, {bf16}"
 
 
-def write_results(out: Path, name: str, data: Any, table: str) -> None:
-    """``out/NAME.json`` and ``out/NAME.md``, each written whole or not at all, and the table printed."""
+def write_results(out: Path, name: str, data: Any, table: str, echo: bool = True) -> None:
+    """``out/NAME.json`` and ``out/NAME.md``, each written whole or not at all, and the table printed
+    unless ``echo`` is false (scripts that rewrite both after every row, so that a run cut short
+    keeps the rows it finished, print once at the end)."""
     from adtr.checkpoint import atomic_write_bytes
 
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes((json.dumps(data, indent=2) + "\n").encode(), out / f"{name}.json")
     atomic_write_bytes(table.encode(), out / f"{name}.md")
-    print(table)
+    if echo:
+        print(table)

@@ -247,7 +247,7 @@ def main() -> None:
     parser.add_argument("--docs", type=Path, default=HERE.parent / "docs" / "server-load.md")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
-    from adtr.checkpoint import find_run_file, load_checkpoint
+    from adtr.checkpoint import atomic_write_bytes, find_run_file, load_checkpoint
 
     model = load_checkpoint(find_run_file(args.run))["config"]["model"]
     images = image_files(args.images)
@@ -262,9 +262,9 @@ def main() -> None:
             "backbone": model["backbone"], "threads": args.threads or os.cpu_count(), "note": args.note,
             "machine": f"{machine_description()}, {os.cpu_count()} cores"}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve_load.json").write_text(json.dumps({"meta": meta, "load": load, "abuse": abuse_rows},
-                                                         indent=2) + "\n")
-    args.docs.write_text(markdown(load, abuse_rows, meta))
+    atomic_write_bytes((json.dumps({"meta": meta, "load": load, "abuse": abuse_rows}, indent=2) + "\n").encode(),
+                       args.out / "serve_load.json")
+    atomic_write_bytes(markdown(load, abuse_rows, meta).encode(), args.docs)
     print(args.docs.read_text())
 
 

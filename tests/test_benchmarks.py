@@ -99,6 +99,34 @@ def test_ablations_vary_the_papers_model_not_our_defaults(monkeypatch, tmp_path)
         assert args.pos_init == "uniform" and args.cross_init == "independent" and args.optimizer == "adamw"
 
 
+def test_ablations_keep_every_finished_row_when_a_later_one_fails(monkeypatch, tmp_path):
+    """The table is rewritten whole after each row: a run that dies at the third fit keeps two rows, and
+    rows of another epoch budget are dropped, not mixed in."""
+    ablations = load_script("ablations")
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "ablations.json").write_text(json.dumps([{"category": "bottle", "variant": "full", "epochs_budget": 5}]))
+    calls = []
+
+    def fake_run(root, category, variant, epochs, extra):
+        calls.append((category, variant))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return {"category": category, "variant": variant, "image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7,
+                "fit_seconds": 1.0, "commit": "abc"}
+
+    monkeypatch.setattr(ablations, "run", fake_run)
+    monkeypatch.setattr(sys, "argv", ["ablations.py", "--root", str(tmp_path), "--categories", "bottle", "grid",
+                                      "--variants", "full", "last-stage", "--epochs", "20", "--out", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        ablations.main()
+    rows = json.loads((out / "ablations.json").read_text())
+    assert [(r["category"], r["variant"], r["epochs_budget"]) for r in rows] == [("bottle", "full", 20),
+                                                                                 ("grid", "full", 20)]
+    assert (out / "ablations.md").read_text() == ablations.markdown(rows, 20)
+    assert not [p.name for p in out.iterdir() if p.name not in ("ablations.json", "ablations.md")]
+
+
 def test_stage_errors_rebuilds_the_runs_own_map_and_splits_it_by_stage(tiny_run, tiny_category):
     """The 'all stages' map of benchmarks/stage_errors.py is the one `adtr test` scores."""
     from adtr.data import index_mvtec
