@@ -23,8 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from adtr.checkpoint import atomic_write_bytes
-from provenance import short_commit  # benchmarks/ is on sys.path when a script runs
+from provenance import short_commit, write_results  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 
@@ -178,8 +177,7 @@ def main() -> None:
 
     def save(rows: list[dict]) -> None:
         """Hours of fits live in these files: a crash mid-write must leave the old ones whole."""
-        atomic_write_bytes((json.dumps(rows, indent=2) + "\n").encode(), json_path)
-        atomic_write_bytes(markdown(rows).encode(), md_path)
+        write_results(args.out, args.name, rows, markdown(rows), echo=False)
 
     for path in args.merge:
         rows = add([r for r in json.loads(path.read_text())
