@@ -107,6 +107,34 @@ def test_bad_inputs_give_one_line_errors(tiny_run, tiny_category, tmp_path, caps
     assert "no such file" in error_of(capsys, ["predict", str(tiny_run), str(tmp_path / "nope*.png")])
 
 
+def test_a_zero_batch_size_or_grid_stride_is_refused_up_front(tiny_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(tiny_run), str(tiny_run), "--batch-size", "0"])
+    assert exit_info.value.code == 2 and "--batch-size: must be at least 1, got 0" in capsys.readouterr().err
+    err = error_of(capsys, ["fit", str(tmp_path / "never-read"), "--out", str(tmp_path / "r"), "--grid-stride", "0"])
+    assert err == "error: model.grid_stride (--grid-stride) must be at least 1, got 0"
+
+
+def test_a_run_without_held_out_images_says_it_has_no_threshold_and_writes_strict_json(tiny_category, tmp_path,
+                                                                                      capsys):
+    """With --val-fraction 0 the threshold is inf: every image is good, fit says so, and the
+    JSON files carry null (JSON has no inf) instead of Python's non-standard ``Infinity``."""
+    run = tmp_path / "run"
+    assert main(["fit", str(tiny_category / "train" / "good"), "--out", str(run), "--val-fraction", "0",
+                 *TINY_FIT_ARGS]) == 0
+    assert "no image threshold (nothing held out" in capsys.readouterr().out
+    assert main(["test", str(run), "--data", str(tiny_category), "--no-report"]) == 0
+
+    def strict(path):
+        return json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{path}: {name}"))
+
+    assert strict(run / "test" / "metrics.json")["threshold"] is None
+    assert main(["predict", str(run), str(tiny_category / "test" / "good"), "--out", str(tmp_path / "p"),
+                 "--no-overlays"]) == 0
+    rows = strict(tmp_path / "p" / "results.json")
+    assert rows and all(r["threshold"] is None and r["label"] == "good" for r in rows)
+
+
 def test_checkpoint_from_another_backbone(tiny_run, tmp_path, capsys):
     ckpt = ckpt_io.load_checkpoint(tiny_run / "model.pt")
     ckpt["config"]["model"]["backbone"] = "resnet18"

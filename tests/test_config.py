@@ -32,6 +32,19 @@ def test_an_impossible_scoring_value_names_its_field_and_flag(field, value, flag
         with_overrides(RunConfig(), "score", **{field: value})
 
 
+@pytest.mark.parametrize("field, value, named", [
+    ("grid_stride", 0, r"model\.grid_stride \(--grid-stride\)"), ("grid_stride", -16, r"model\.grid_stride \(--grid-stride\)"),
+    ("image_size", 0, r"model\.image_size \(--image-size\)"), ("stages", (), r"model\.stages \(--stages\)"),
+    ("dropout", 1.0, r"model\.dropout \(--dropout\)"), ("cells_per_token", 0, r"model\.cells_per_token \(--cells-per-token\)"),
+    ("dim", 0, r"model\.dim"), ("num_heads", 0, r"model\.num_heads"), ("ffn_dim", 0, r"model\.ffn_dim"),
+    ("num_encoder_layers", 0, r"model\.num_encoder_layers"), ("num_decoder_layers", 0, r"model\.num_decoder_layers"),
+])
+def test_an_impossible_model_size_names_its_field(field, value, named):
+    """A zero stride used to divide by zero inside the backbone, a zero width inside torch."""
+    with pytest.raises(AdtrError, match=rf"^{named} must be .*got {value}"):
+        with_overrides(RunConfig(), "model", **{field: value})
+
+
 def test_threshold_rule_from_the_cli():
     parser = build_parser()
     args = parser.parse_args(["fit", "good", "--out", "r", "--threshold-rule", "conformal", "--target-fpr", "0.05"])

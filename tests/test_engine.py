@@ -31,6 +31,16 @@ def test_split_is_seeded_and_disjoint(tiny_category):
     assert split_train_val(samples, 0.25, seed=4)[1] != a_val
 
 
+def test_a_positive_val_fraction_holds_out_at_least_one_image(tiny_category):
+    """10% of 4 images rounds to none, which would leave fit without a threshold."""
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")[:4]
+    train, val = split_train_val(samples, 0.1, seed=0)
+    assert len(val) == 1 and len(train) == 3
+    assert split_train_val(samples, 0.0, seed=0) == (samples, [])
+    with pytest.raises(AdtrError, match="at least 2 training images"):
+        split_train_val(samples[:1], 0.1, seed=0)
+
+
 def test_schedules():
     assert lr_factor("step", 79, 100, 0) == 1.0 and lr_factor("step", 80, 100, 0) == 0.1
     assert lr_factor("step", 65, 100, 0, step_at=2 / 3) == 1.0 and lr_factor("step", 66, 100, 0, 2 / 3) == 0.1
@@ -190,6 +200,33 @@ def test_budget_is_kept_when_the_machine_slows_down(tiny_category, tmp_path):
                  on_epoch=lambda record: time.sleep(2.0))
     assert 1 <= result.epochs <= 2 and len(result.history) == result.epochs
     assert (tmp_path / "r" / "model.pt").is_file()
+
+
+def test_a_fit_stopped_early_and_killed_while_calibrating_resumes_without_training(tiny_category, tmp_path,
+                                                                                   monkeypatch):
+    """Patience stops the fit after 3 of 50 planned epochs (the held-out loss never improves on
+    epoch 1's); a kill during calibration leaves last.pt, and the resume calibrates the epochs
+    trained instead of training on."""
+    import adtr.engine
+
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    cfg = tiny_config(epochs=50, patience=2)
+    rising = iter(range(1, 1000))
+    monkeypatch.setattr(adtr.engine, "mean_loss", lambda *args, **kwargs: float(next(rising)))
+    real_calibration = adtr.engine.fpr_calibration
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(adtr.engine, "fpr_calibration", killed)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, samples, tmp_path / "r")
+    state = ckpt_io.load_checkpoint(tmp_path / "r" / ckpt_io.LAST_FILE)
+    assert state["epoch"] == 3 and state["epochs"] == 3
+    monkeypatch.setattr(adtr.engine, "fpr_calibration", real_calibration)
+    result = fit(cfg, samples, tmp_path / "r", resume=True)
+    assert result.epochs == 3 and result.selected_epoch == 1
+    assert (tmp_path / "r" / ckpt_io.MODEL_FILE).is_file() and not (tmp_path / "r" / ckpt_io.LAST_FILE).exists()
 
 
 def virtual_clock(monkeypatch, validation_seconds: Callable[[int], float]) -> types.SimpleNamespace:

@@ -13,6 +13,7 @@ import glob
 import io
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -21,6 +22,7 @@ import tempfile
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from adtr import __version__
 from adtr.checkpoint import atomic_write_bytes
@@ -73,8 +75,20 @@ def resolve_outlier_samples(data: Path):
     return [Sample(image=p, label=1, defect_type="outlier", mask=None) for p in paths]
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with inf and NaN floats as None: JSON has no such numbers (an uncalibrated
+    threshold is inf), and strict parsers refuse Python's ``Infinity``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(obj, path: Path) -> None:
-    atomic_write_bytes((json.dumps(obj, indent=2) + "\n").encode(), path)
+    atomic_write_bytes((json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n").encode(), path)
 
 
 MODEL_OPTIONS = ("backbone", "weights", "image_size", "grid_stride", "stages", "dropout", "error_space",
@@ -175,7 +189,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     validate_readable(samples)
     anomalies = load_anomalies(config)
     result = fit(config, samples, Path(args.out), resume=args.resume, anomalies=anomalies)
-    print(f"fitted {result.epochs} epochs in {result.seconds:.0f} s; image threshold {result.threshold:.4f}")
+    threshold = f"image threshold {result.threshold:.4f}" if math.isfinite(result.threshold) else \
+        "no image threshold (nothing held out; set one with `adtr calibrate`)"
+    print(f"fitted {result.epochs} epochs in {result.seconds:.0f} s; {threshold}")
     print_expected_fpr(result.calibration)
     print(f"run saved to {Path(args.out) / 'model.pt'}")
     return 0
@@ -524,6 +540,17 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
                         "1/(n+1) with n held out) or conformal (keeps the target on average once n >= 1/target - 1)")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (a batch size, a count)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adtr", description="ADTR anomaly detection: fit on good images, "
                                      "test, predict.")
@@ -573,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="images, folders or glob patterns")
     p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
     p.add_argument("--threshold", type=float, help="score threshold (default: the run's calibrated one)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--no-overlays", action="store_true", help="skip heat-map PNGs")
     add_inference_options(p)
     p.set_defaults(func=cmd_predict)
@@ -588,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="MVTec category folder, or a test folder with masks")
     p.add_argument("--masks", help="mask folder mirroring the defect folders (plain layout)")
     p.add_argument("--out", default="tsne.png", help="PNG to write (default ./tsne.png)")
-    p.add_argument("--n", type=int, default=600, help="difference vectors to embed, half anomalous (default 600)")
+    p.add_argument("--n", type=positive_int, default=600, help="difference vectors to embed, half anomalous (default 600)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tsne)
     p = sub.add_parser("serve", help="HTTP API and web page: POST an image, get its score, decision and overlay")

@@ -34,10 +34,11 @@ THRESHOLD_RULES = ("quantile", "conformal")
 
 
 def refuse_failed_checks(section: str, config: Any, checks: tuple[tuple[str, bool, str, str], ...]) -> None:
-    """Raise for the first (field, passed, requirement, CLI flag) check that failed."""
+    """Raise for the first (field, passed, requirement, CLI flag or "") check that failed."""
     for name, ok, requirement, flag in checks:
         if not ok:
-            raise AdtrError(f"{section}.{name} ({flag}) must be {requirement}, got {getattr(config, name)}")
+            where = f"{section}.{name} ({flag})" if flag else f"{section}.{name}"
+            raise AdtrError(f"{where} must be {requirement}, got {getattr(config, name)}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,23 @@ class ModelConfig:
     pos_init: str = "normal"  # ours: N(0, 1) codes, nearly orthogonal, so training converges sooner; DETR: uniform
     cross_init: str = "independent"  # decoder cross-attention keys: independent (DETR) | aligned (W_k = W_q at init)
     cells_per_token: int = 1  # ours: a token embeds p x p grid cells (ViT patch); paper: 1
+
+    def __post_init__(self) -> None:
+        """Refuse sizes that would fail deep inside torch (a zero stride divides by zero); the
+        options that need the backbone or the grid are checked when the model is built."""
+        checks = (
+            ("image_size", self.image_size >= 1, "at least 1", "--image-size"),
+            ("grid_stride", self.grid_stride >= 1, "at least 1", "--grid-stride"),
+            ("stages", len(self.stages) >= 1, "at least one stage", "--stages"),
+            ("dim", self.dim >= 1, "at least 1", ""),
+            ("num_heads", self.num_heads >= 1, "at least 1", ""),
+            ("num_encoder_layers", self.num_encoder_layers >= 1, "at least 1", ""),
+            ("num_decoder_layers", self.num_decoder_layers >= 1, "at least 1", ""),
+            ("ffn_dim", self.ffn_dim >= 1, "at least 1", ""),
+            ("dropout", 0 <= self.dropout < 1, "in [0, 1)", "--dropout"),
+            ("cells_per_token", self.cells_per_token >= 1, "at least 1", "--cells-per-token"),
+        )
+        refuse_failed_checks("model", self, checks)
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,8 @@ class Detector:
     def predict(self, images: ImageInput | Sequence[ImageInput], threshold: float | None = None,
                 batch_size: int = 16) -> Prediction | list[Prediction]:
         """Score one image (returns a :class:`Prediction`) or a sequence (returns a list)."""
+        if batch_size < 1:
+            raise AdtrError(f"batch_size must be at least 1, got {batch_size}")
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         thr = self.threshold if threshold is None else float(threshold)

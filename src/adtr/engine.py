@@ -85,8 +85,12 @@ def restore_networks(ckpt: dict[str, Any], path: Path) -> tuple[RunConfig, Froze
 
 
 def split_train_val(samples: ImageSource, fraction: float, seed: int) -> tuple[ImageSource, ImageSource]:
-    """Seeded hold-out of good images for monitoring and calibration (never test data)."""
-    n_val = int(round(len(samples) * fraction)) if fraction > 0 else 0
+    """Seeded hold-out of good images for monitoring and calibration (never test data).
+
+    A positive ``fraction`` holds out at least one image: with none, fit would have no
+    threshold and call every image good.
+    """
+    n_val = max(1, int(round(len(samples) * fraction))) if fraction > 0 else 0
     if len(samples) - n_val < 1:
         raise AdtrError(f"need at least 2 training images to hold out {fraction:.0%}, got {len(samples)}")
     order = np.random.default_rng(seed).permutation(len(samples))
@@ -493,6 +497,10 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
     t0 = time.perf_counter()
 
     train_samples, val_samples = split_train_val(samples, tc.val_fraction, tc.seed)
+    if not len(val_samples):
+        log.warning("no held-out good images (val fraction 0): no image threshold, so every image will be "
+                    "called good until `adtr calibrate RUN --data DIR` sets one; nothing selects "
+                    "the best epoch either (the last is kept)")
     if plus is None:
         backbone = build_backbone(mc)
     grid = backbone.grid_size(mc.image_size)  # validates the stride
@@ -648,6 +656,10 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
         if not stop and tc.patience and val_feats is not None and epoch + 1 - best["epoch"] >= tc.patience:
             log.info("stopping: no improvement of the validation loss for %d epochs", tc.patience)
             stop = True
+        if stop:
+            # An early stop (budget, patience) ends the plan here, so that a fit killed while
+            # calibrating resumes straight to calibration instead of training on.
+            epochs = epoch + 1
         # Writing last.pt (about 125 MB for the default model) took 0.3-1 s on the 2-core CPU and
         # 0.36 s of every 0.76 s epoch on an H200: short epochs are checkpointed every
         # ``checkpoint_seconds`` instead, and the final one always (a fit killed while
