@@ -17,6 +17,23 @@ def test_atomic_save_roundtrip_and_no_leftovers(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["x.pt"]
 
 
+def test_atomic_write_syncs_the_file_then_its_folder(tmp_path, monkeypatch):
+    """The rename reaches the disk with the data: a power cut cannot undo it after fit has
+    gone on to remove last.pt."""
+    import stat
+
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    ckpt_io.atomic_write_bytes(b"data", tmp_path / "f.bin")
+    assert synced == [False, True] and (tmp_path / "f.bin").read_bytes() == b"data"
+
+
 def test_failed_write_keeps_the_old_file(tmp_path):
     path = tmp_path / "x.pt"
     ckpt_io.atomic_save({"format_version": ckpt_io.FORMAT_VERSION, "v": 1}, path)

@@ -251,11 +251,18 @@ def test_plus_from_the_cli(tiny_run, tiny_category, tmp_path, capsys):
                                                        str(plus), "--out", str(tmp_path / "e")])
 
 
-def test_plus_with_real_defects_from_the_cli(tiny_run, tiny_category, tmp_path):
+def test_plus_with_real_defects_from_the_cli(tiny_run, tiny_category, tmp_path, caplog):
     assert main(["fit", str(tiny_category), "--plus", "pixel", "--init", str(tiny_run), "--epochs", "1",
                  "--defects", str(tiny_category), "--out", str(tmp_path / "px")]) == 0
     saved = ckpt_io.load_checkpoint(tmp_path / "px" / "model.pt")["config"]["plus"]
     assert saved["source"] == "defects" and saved["data"] == str(tiny_category.resolve())
+    # Testing on the category it learnt the defects from is allowed, and says what it means.
+    caplog.clear()
+    assert main(["test", str(tmp_path / "px"), "--data", str(tiny_category / "test"), "--no-report"]) == 0
+    assert "not held-out figures" in caplog.text
+    caplog.clear()
+    assert main(["test", str(tiny_run), "--data", str(tiny_category / "test"), "--no-report"]) == 0
+    assert "not held-out" not in caplog.text
 
 
 def test_ablation_options_are_saved(tiny_category, tmp_path):

@@ -416,6 +416,15 @@ def test_plus_confetti_fine_tunes_the_init_run(base_run, tiny_category, tmp_path
     assert det.config.plus.loss == "pixel"
 
 
+@pytest.mark.parametrize("split", [{"seed": 1}, {"val_fraction": 0.3}])
+def test_plus_refuses_another_split_than_its_init_run(base_run, tiny_category, tmp_path, split):
+    """Another hold-out would score images the init run trained on, and set the threshold too low."""
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    with pytest.raises(AdtrError, match="must hold out the images its init run held out"):
+        fit(with_overrides(plus_cfg(base_run), "train", **split), samples, tmp_path / "plus")
+    assert not (tmp_path / "plus").exists()
+
+
 def test_plus_resume_redraws_the_same_pool(base_run, tiny_category, tmp_path):
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
     cfg = with_overrides(plus_cfg(base_run, variants=1, refresh_every=1), "train", epochs=3)

@@ -43,8 +43,10 @@ def _umask() -> int:
 def atomic_write_bytes(data: bytes, path: Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A crash at any moment leaves either the old file or the new one, never half of one.
-    The file gets the permissions a plain ``open`` would give it (mkstemp's are 0600).
+    A crash at any moment leaves either the old file or the new one, never half of one; the
+    folder is synced too, so that after a power cut the rename is on disk before anything
+    that follows it (fit removes last.pt only once model.pt is). The file gets the
+    permissions a plain ``open`` would give it (mkstemp's are 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +61,21 @@ def atomic_write_bytes(data: bytes, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename in it) to disk, where the system allows it (POSIX)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # Windows opens no folders; its MoveFileEx is durable enough here
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (network, FUSE) refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -230,7 +230,18 @@ def evaluate_run(args: argparse.Namespace):
     det = Detector.load(args.run, precision=args.precision, engine=args.engine)
     samples = resolve_test_samples(Path(args.data), Path(args.masks) if args.masks else None)
     validate_readable(samples)
+    warn_if_trained_on(det.config.plus, Path(args.data))
     return det, samples, evaluate(det, samples)
+
+
+def warn_if_trained_on(plus, data: Path) -> None:
+    """Warn when an ADTR+ run learnt from images in ``data``: its metrics there are not held out."""
+    if plus.loss == "none" or plus.source == "confetti" or not plus.data:
+        return
+    seen, scored = Path(plus.data).resolve(), data.resolve()
+    if seen == scored or seen in scored.parents or scored in seen.parents:
+        log.warning("warning: this ADTR+ run trained on the %s in %s; metrics on %s include images it has seen, "
+                    "so they are not held-out figures", plus.source, plus.data, data)
 
 
 def write_html_report(args: argparse.Namespace, det, samples, res, path: Path) -> None:

@@ -490,6 +490,12 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
         init_path = ckpt_io.find_run_file(Path(plus.init))
         init_config, backbone, init_model = restore_networks(ckpt_io.load_checkpoint(init_path), init_path)
         config = dataclasses.replace(config, model=init_config.model)  # the architecture is the init run's
+        held_out = (init_config.train.seed, init_config.train.val_fraction)
+        if (config.train.seed, config.train.val_fraction) != held_out:
+            # Another split would hold out images the init run trained on: a threshold too low.
+            raise AdtrError(f"{init_path}: ADTR+ must hold out the images its init run held out; that run used "
+                            f"--seed {held_out[0]} --val-fraction {held_out[1]}, this one --seed "
+                            f"{config.train.seed} --val-fraction {config.train.val_fraction}")
     tc, mc = config.train, config.model
     if tc.select not in ("best-val", "last"):  # checked now, not after a whole training run
         raise AdtrError(f"unknown selection {tc.select!r} (use best-val or last)")
