@@ -1,4 +1,4 @@
-"""The Python API's fast path (bf16 autocast) against the fp32 reference."""
+"""The Python API: its fast path (bf16 autocast) against the fp32 reference, and its inputs."""
 
 from __future__ import annotations
 
@@ -29,3 +29,24 @@ def test_bf16_inference_matches_fp32_within_tolerance(tiny_category, tmp_path):
     assert not np.array_equal(fast_scores, ref_scores)  # the fast path really ran in bf16
     with pytest.raises(AdtrError, match="unknown precision"):
         Detector.load(tmp_path / "run", device="cpu", precision="fp8")
+
+
+def test_arrays_are_read_as_files_of_their_depth_are(tiny_run, tmp_path):
+    """A uint16 frame scores as the same frame saved as a 16-bit PNG (it used to be clipped
+    to 255, nearly white); floats in [0, 1] or [0, 255] and wide integers in 0..255 as uint8."""
+    from PIL import Image
+
+    det = Detector.load(tiny_run, device="cpu")
+    rng = np.random.default_rng(0)
+    frame16 = rng.integers(0, 65536, (40, 48), dtype=np.uint16)
+    Image.fromarray(frame16).save(tmp_path / "frame16.png")
+    assert Image.open(tmp_path / "frame16.png").mode.startswith("I")
+    assert det.predict(frame16).score == pytest.approx(det.predict(tmp_path / "frame16.png").score, rel=1e-6)
+    rgb = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    reference = det.predict(rgb).score
+    for same in (rgb / 255.0, rgb.astype(np.float32), rgb.astype(np.int64)):
+        assert det.predict(same).score == pytest.approx(reference, rel=1e-6), same.dtype
+    for bad, says in ((rgb.astype(np.int64) * 16, r"values in \[0, 4080\]"), (rgb - 300.0, "values in"),
+                      (np.zeros((0, 48, 3), np.uint8), "not an image"), (rgb.astype(str), "holds no pixel values")):
+        with pytest.raises(AdtrError, match=says):
+            det.predict(bad)

@@ -58,16 +58,29 @@ class Prediction:
 
 
 def array_to_pil(array: np.ndarray) -> Image.Image:
-    """(H, W), (H, W, 1|3|4) uint8, or float in [0, 1] -> RGB PIL image."""
+    """(H, W), (H, W, 1|3|4) array -> RGB PIL image, read as a file of its depth would be.
+
+    uint8 as it is; uint16 scaled by 1/257, as 16-bit PNG and TIFF files are; other numbers
+    must lie in [0, 1] (scaled by 255) or [0, 255]. Anything else is refused rather than
+    clipped, which would turn a camera's 16-bit frame white and score it wrongly.
+    """
     a = np.asarray(array)
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
-        raise AdtrError(f"array of shape {a.shape} is not an image (expected HxW, HxWx3 or HxWx4)")
-    if a.dtype != np.uint8:
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)) or 0 in a.shape:
+        raise AdtrError(f"array of shape {a.shape} is not an image (expected HxW, HxWx3 or HxWx4, none of them 0)")
+    if a.dtype == np.uint16:
+        a = np.rint(a / 257.0).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        if a.dtype.kind not in "biuf":
+            raise AdtrError(f"image array of dtype {a.dtype} holds no pixel values")
         if not np.isfinite(a).all():
             raise AdtrError("image array contains NaN or inf")
-        a = np.clip(a * 255.0 if a.max() <= 1.0 else a, 0, 255).astype(np.uint8)
+        low, high = float(a.min()), float(a.max())
+        if low < 0 or high > 255:
+            raise AdtrError(f"image array of dtype {a.dtype} has values in [{low:g}, {high:g}]: give uint8, uint16, "
+                            "or numbers in [0, 1] or [0, 255]")
+        a = np.rint(a * 255.0 if high <= 1.0 else a).astype(np.uint8)
     return to_rgb(Image.fromarray(a))
 
 
