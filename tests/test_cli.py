@@ -53,10 +53,20 @@ def test_fit_test_predict(tiny_run, tiny_category, tmp_path, capsys):
                  str(tiny_category / "test" / "hole" / "*.png"), "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())
     assert len(rows) == 6 and {r["label"] for r in rows} <= {"good", "anomalous"}
-    assert (out / "results.csv").read_text().splitlines()[0] == "image,score,normalized_score,threshold,label"
+    assert (out / "results.csv").read_text().splitlines()[0] == \
+        "image,score,normalized_score,threshold,label,overlay"
     overlays = sorted((out / "overlays").glob("*.png"))
     assert len(overlays) == 6 and Image.open(overlays[0]).size == (64 * 3 + 8, 64)
+    assert sorted(out / r["overlay"] for r in rows) == overlays  # each row names its overlay
     assert "6 images" in capsys.readouterr().out
+    # Predicting again into the same folder replaces the earlier overlays, not adds to them.
+    assert main(["predict", str(tiny_run), str(tiny_category / "test" / "hole"), "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted(out / r["overlay"] for r in rows) == sorted((out / "overlays").glob("*.png")) and len(rows) == 2
+    assert main(["predict", str(tiny_run), str(tiny_category / "test" / "hole"), "--out", str(out),
+                 "--no-overlays"]) == 0
+    assert not (out / "overlays").exists()
+    assert {r["overlay"] for r in json.loads((out / "results.json").read_text())} == {""}
 
 
 def test_plain_folder_layout(tiny_category, tmp_path):

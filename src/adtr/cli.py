@@ -321,15 +321,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def staged_outputs(out: Path) -> Iterator[Path]:
+def staged_outputs(out: Path, replaces: tuple[str, ...] = ()) -> Iterator[Path]:
     """Write a command's files into a hidden folder inside ``out`` and move them into place
     only when the command succeeds: a failure half-way leaves ``out`` as it was (and
-    removes it if this command created it)."""
+    removes it if this command created it). The folders named in ``replaces`` are the
+    command's own: an earlier run's are removed first, so none of its files stay among the new."""
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".adtr-partial-", dir=out))
     try:
         yield stage
+        for name in replaces:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
         for src in sorted(stage.rglob("*")):
             if src.is_file():
                 dst = out / src.relative_to(stage)
@@ -380,19 +384,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     thr = det.threshold if args.threshold is None else args.threshold
     vmax = 2 * thr if np.isfinite(thr) and thr > 0 else None  # one colour scale for every overlay
     rows = []
-    with staged_outputs(out) as stage:  # an image that fails to decode half-way leaves nothing behind
+    # An image that fails to decode half-way leaves nothing behind; a success replaces the
+    # overlays of an earlier predict into ``out`` (the rows name the ones they go with).
+    with staged_outputs(out, replaces=("overlays",)) as stage:
         for i in tqdm(range(0, len(paths), args.batch_size), desc="predict", unit="batch"):
             chunk = paths[i:i + args.batch_size]
             images = torch.stack([det.to_tensor(p) for p in chunk])  # (B, 3, S, S), decoded once
             maps, scores = det.score_tensors(images)
             for j, (p, image, amap, score) in enumerate(zip(chunk, images, maps.numpy(), scores.tolist())):
+                overlay = "" if args.no_overlays else f"overlays/{i + j:05d}_{p.stem}.png"
                 rows.append({"image": str(p), "score": score, "normalized_score": normalize_scores(score, thr),
-                             "threshold": thr, "label": "anomalous" if score > thr else "good"})
-                if not args.no_overlays:
+                             "threshold": thr, "label": "anomalous" if score > thr else "good", "overlay": overlay})
+                if overlay:
                     panel = overlay_panel(tensor_to_uint8(image), amap, 0.0, vmax or float(amap.max()))
-                    save_png(panel, stage / "overlays" / f"{i + j:05d}_{p.stem}.png")
+                    save_png(panel, stage / overlay)
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=["image", "score", "normalized_score", "threshold", "label"])
+        writer = csv.DictWriter(buf, fieldnames=["image", "score", "normalized_score", "threshold", "label", "overlay"])
         writer.writeheader()
         writer.writerows(rows)
         # surrogateescape: a file name that is not UTF-8 goes back out as the bytes it came in as
@@ -446,7 +453,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=[*INFERENCE_PRECISIONS, "auto"], default="fp32",
                    help="fp32 (default: the reference the threshold was calibrated with), bf16 autocast "
-                        "(faster on AMX/AVX512-BF16 CPUs and GPUs; scores within about 1%%) or int8 "
+                        "(faster on AMX/AVX512-BF16 CPUs and GPUs; scores within 2%% of fp32, the parity test's bound; typically a few tenths of 1%%) or int8 "
                         "(--engine compile on x86 CPUs: the transformer's linear layers in int8; maps within "
                         "about 1e-3 of fp32)")
     p.add_argument("--engine", choices=ENGINES, default="torch",

@@ -112,7 +112,8 @@ class Detector:
 
         ``precision``: ``fp32`` (the reference, and what the threshold was calibrated
         with) or ``bf16`` autocast (faster where the hardware has bf16 units; image scores
-        within about 1% of fp32, so a score very close to the threshold may flip), or
+        within 2% of fp32 by the parity test, typically a few tenths of 1%, so a score very
+        close to the threshold may flip), or
         ``auto`` (bf16 where it is fast), or ``int8`` with ``engine="compile"`` on an x86
         CPU (the transformer's linear layers in int8, see :mod:`adtr.quantize`: faster
         where there is no fast bf16, maps within about 1e-3 of fp32).
