@@ -85,6 +85,22 @@ def test_garbage_version_and_missing_files(tmp_path):
         ckpt_io.find_run_file(tmp_path)
 
 
+@pytest.mark.parametrize("keep", [0, 100])
+def test_a_damaged_run_file_says_so_and_what_to_do(tmp_path, keep):
+    """A truncated or emptied last.pt (a disk that filled up, a bad copy) names the file, says it
+    is damaged and how to go on, instead of repeating torch's zip-reader message."""
+    whole = tmp_path / "whole.pt"
+    ckpt_io.atomic_save({"format_version": ckpt_io.FORMAT_VERSION, "w": torch.ones(1000)}, whole)
+    for name, advice in ((ckpt_io.LAST_FILE, "delete it and fit again"), (ckpt_io.MODEL_FILE, "restore it")):
+        damaged = tmp_path / name
+        damaged.write_bytes(whole.read_bytes()[:keep])
+        with pytest.raises(AdtrError) as info:
+            ckpt_io.load_checkpoint(damaged)
+        message = str(info.value)
+        assert message.startswith(f"{damaged}: cannot load checkpoint: the file is truncated or damaged ({keep} bytes)")
+        assert advice in message and "miniz" not in message and "\n" not in message
+
+
 def test_compatibility_check_names_the_difference(tmp_path):
     ckpt = {"config": {"model": {"backbone": "tf_efficientnet_lite0", "image_size": 256}}}
     with pytest.raises(AdtrError, match="trained with backbone tf_efficientnet_lite0, not resnet18"):

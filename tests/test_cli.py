@@ -145,6 +145,19 @@ def test_a_run_without_held_out_images_says_it_has_no_threshold_and_writes_stric
     assert rows and all(r["threshold"] is None and r["label"] == "good" for r in rows)
 
 
+def test_resume_names_the_options_it_ignores():
+    """A resume keeps the run's config; options asking for something else are named, not
+    silently dropped (options equal to the run's, or left at today's defaults, are not)."""
+    from adtr.cli import build_parser, options_a_resume_ignores
+    from adtr.config import RunConfig, with_overrides
+
+    run = with_overrides(with_overrides(RunConfig(), "model", image_size=64), "train", epochs=3, optimizer="adamw")
+    parse = build_parser().parse_args
+    args = parse(["fit", "good", "--out", "r", "--resume", "--image-size", "64", "--epochs", "2", "--lr", "0.1"])
+    assert options_a_resume_ignores(args, run) == ["train.epochs 2 (run: 3)", "train.lr 0.1 (run: 0.0005)"]
+    assert options_a_resume_ignores(parse(["fit", "good", "--out", "r", "--resume"]), run) == []
+
+
 def test_checkpoint_from_another_backbone(tiny_run, tmp_path, capsys):
     ckpt = ckpt_io.load_checkpoint(tiny_run / "model.pt")
     ckpt["config"]["model"]["backbone"] = "resnet18"

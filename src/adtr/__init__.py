@@ -2,6 +2,14 @@
 
 __version__ = "0.1.0"
 
-from adtr.detector import Detector, Prediction  # noqa: E402
-
 __all__ = ["Detector", "Prediction", "__version__"]
+
+
+def __getattr__(name: str):
+    """``adtr.Detector`` and ``adtr.Prediction``, imported on first use: ``import adtr`` (and the
+    CLI's start, before it can catch Ctrl-C) then does not wait for torch."""
+    if name in ("Detector", "Prediction"):
+        from adtr import detector
+
+        return getattr(detector, name)
+    raise AttributeError(f"module 'adtr' has no attribute {name!r}")

@@ -85,6 +85,13 @@ def atomic_save(obj: Any, path: Path) -> None:
     atomic_write_bytes(buf.getvalue(), path)
 
 
+#: What to do about a damaged run file (our writes are atomic, so it was damaged after them).
+DAMAGED_ADVICE = {
+    LAST_FILE: "delete it and fit again into this folder (without --resume), or fit into another folder",
+    MODEL_FILE: "restore it from a copy, or fit the run again",
+}
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load and check a checkpoint written by :func:`atomic_save`."""
     if not path.is_file():
@@ -95,6 +102,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         msg = first_line(exc)
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             msg = "refused: the file contains pickled objects other than tensors (possible code)"
+        elif isinstance(exc, EOFError) or "zip archive" in str(exc) or "central directory" in str(exc):
+            msg = f"the file is truncated or damaged ({path.stat().st_size} bytes); {DAMAGED_ADVICE.get(path.name, '')}"
+            msg = msg.rstrip("; ")
         raise file_error(path, f"cannot load checkpoint: {msg}") from exc
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise file_error(path, "not an adtr checkpoint")

@@ -168,6 +168,23 @@ def load_anomalies(config: RunConfig):
     return anomalies
 
 
+def options_a_resume_ignores(args: argparse.Namespace, saved: RunConfig) -> list[str]:
+    """The options given with ``--resume`` that ask for another value than the run has, as
+    ``section.field VALUE (run: VALUE)``: resuming keeps the run's own config."""
+    try:
+        asked = config_from_args(args)
+    except AdtrError:  # an impossible value: nothing it could have changed
+        return []
+    today = RunConfig()
+    ignored = []
+    for section in ("model", "train", "score"):
+        wanted, kept, default = (dataclasses.asdict(getattr(c, section)) for c in (asked, saved, today))
+        for name, value in wanted.items():
+            if value != default[name] and value != kept[name]:
+                ignored.append(f"{section}.{name} {value} (run: {kept[name]})")
+    return ignored
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from adtr import checkpoint as ckpt_io
     from adtr.data import validate_readable
@@ -183,6 +200,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from adtr.config import from_dict
 
         config = from_dict(saved["config"])  # a resumed run keeps its own config
+        ignored = options_a_resume_ignores(args, config)
+        if ignored:
+            log.warning("warning: --resume continues the run with its own settings; ignored: %s "
+                        "(to change them, start a new run in another folder)", ", ".join(ignored))
     else:
         config = config_from_args(args)  # bad option values fail here, before the images are read
     samples = resolve_training_samples(args.data)
