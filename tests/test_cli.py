@@ -145,6 +145,35 @@ def test_a_run_without_held_out_images_says_it_has_no_threshold_and_writes_stric
     assert rows and all(r["threshold"] is None and r["label"] == "good" for r in rows)
 
 
+def test_predict_can_skip_unreadable_images(tiny_run, tiny_category, tmp_path, capsys, caplog):
+    """One truncated file among many: by default nothing is written (and the error names it);
+    with --skip-unreadable the others are scored and it is listed, in input order."""
+    import io
+
+    folder = tmp_path / "in"
+    shutil.copytree(tiny_category / "test" / "good", folder)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buf, "JPEG")
+    (folder / "001b_cut.jpg").write_bytes(buf.getvalue()[:300])  # a header, then nothing: decoding fails
+    (folder / "001c_text.png").write_text("not an image")
+    names = sorted(p.name for p in folder.iterdir())
+    err = error_of(capsys, ["predict", str(tiny_run), str(folder), "--out", str(tmp_path / "p1")])
+    assert "001b_cut.jpg" in err or "001c_text.png" in err
+    assert not (tmp_path / "p1").exists()
+    out = tmp_path / "p2"
+    assert main(["predict", str(tiny_run), str(folder), "--out", str(out), "--skip-unreadable", "--batch-size", "2"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [Path(r["image"]).name for r in rows] == names
+    skipped = [r for r in rows if r["label"] == "unreadable"]
+    assert [Path(r["image"]).name for r in skipped] == ["001b_cut.jpg", "001c_text.png"]
+    assert all(r["score"] is None and r["overlay"] == "" for r in skipped)
+    scored = [r for r in rows if r["label"] != "unreadable"]
+    assert scored and all(isinstance(r["score"], float) and (out / r["overlay"]).is_file() for r in scored)
+    printed = capsys.readouterr().out
+    assert f"{len(rows)} images: " in printed and ", 2 unreadable (skipped)" in printed
+    assert "001b_cut.jpg" in caplog.text and "001c_text.png" in caplog.text
+
+
 def test_resume_names_the_options_it_ignores():
     """A resume keeps the run's config; options asking for something else are named, not
     silently dropped (options equal to the run's, or left at today's defaults, are not)."""

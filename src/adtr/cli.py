@@ -212,7 +212,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     result = fit(config, samples, Path(args.out), resume=args.resume, anomalies=anomalies)
     threshold = f"image threshold {result.threshold:.4f}" if math.isfinite(result.threshold) else \
         "no image threshold (nothing held out; set one with `adtr calibrate`)"
-    print(f"fitted {result.epochs} epochs in {result.seconds:.0f} s; {threshold}")
+    print(f"fitted {result.epochs} {plural(result.epochs, 'epoch')} in {result.seconds:.0f} s; {threshold}")
     print_expected_fpr(result.calibration)
     print(f"run saved to {Path(args.out) / 'model.pt'}")
     return 0
@@ -399,8 +399,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     det = Detector.load(args.run, precision=args.precision, engine=args.engine)
     paths = expand_inputs(args.inputs)
+    unreadable: dict[Path, str] = {}  # with --skip-unreadable: file -> why
     for p in paths:
-        verify_image(p)
+        try:
+            verify_image(p)
+        except AdtrError as exc:
+            if not args.skip_unreadable:
+                raise
+            unreadable[p] = str(exc)
+
+    def decode(p: Path) -> torch.Tensor | None:
+        """The image as a model input; None for a file that fails to decode under --skip-unreadable."""
+        if p in unreadable:
+            return None
+        try:
+            return det.to_tensor(p)
+        except AdtrError as exc:
+            if not args.skip_unreadable:
+                raise
+            unreadable[p] = str(exc)
+            return None
+
     out = Path(args.out)
     thr = det.threshold if args.threshold is None else args.threshold
     vmax = 2 * thr if np.isfinite(thr) and thr > 0 else None  # one colour scale for every overlay
@@ -409,16 +428,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # overlays of an earlier predict into ``out`` (the rows name the ones they go with).
     with staged_outputs(out, replaces=("overlays",)) as stage:
         for i in tqdm(range(0, len(paths), args.batch_size), desc="predict", unit="batch"):
-            chunk = paths[i:i + args.batch_size]
-            images = torch.stack([det.to_tensor(p) for p in chunk])  # (B, 3, S, S), decoded once
-            maps, scores = det.score_tensors(images)
-            for j, (p, image, amap, score) in enumerate(zip(chunk, images, maps.numpy(), scores.tolist())):
-                overlay = "" if args.no_overlays else f"overlays/{i + j:05d}_{p.stem}.png"
+            decoded = {i + j: (p, decode(p)) for j, p in enumerate(paths[i:i + args.batch_size])}
+            for k, (p, _) in decoded.items():  # in input order, among the scored rows below
+                if p in unreadable:
+                    rows.append({"image": str(p), "score": None, "normalized_score": None, "threshold": thr,
+                                 "label": "unreadable", "overlay": "", "index": k})
+            ok = [(k, p, image) for k, (p, image) in decoded.items() if image is not None]
+            if not ok:
+                continue
+            maps, scores = det.score_tensors(torch.stack([image for _, _, image in ok]))  # (B, 3, S, S)
+            for (k, p, image), amap, score in zip(ok, maps.numpy(), scores.tolist()):
+                overlay = "" if args.no_overlays else f"overlays/{k:05d}_{p.stem}.png"
                 rows.append({"image": str(p), "score": score, "normalized_score": normalize_scores(score, thr),
-                             "threshold": thr, "label": "anomalous" if score > thr else "good", "overlay": overlay})
+                             "threshold": thr, "label": "anomalous" if score > thr else "good", "overlay": overlay,
+                             "index": k})
                 if overlay:
                     panel = overlay_panel(tensor_to_uint8(image), amap, 0.0, vmax or float(amap.max()))
                     save_png(panel, stage / overlay)
+        rows = [{k: v for k, v in row.items() if k != "index"} for row in sorted(rows, key=lambda r: r["index"])]
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=["image", "score", "normalized_score", "threshold", "label", "overlay"])
         writer.writeheader()
@@ -427,9 +454,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
         atomic_write_bytes(buf.getvalue().encode("utf-8", "surrogateescape"), stage / "results.csv")
         write_json(rows, stage / "results.json")
     n_bad = sum(r["label"] == "anomalous" for r in rows)
-    print(f"{len(rows)} images: {n_bad} anomalous, {len(rows) - n_bad} good (threshold {thr:.4f})")
+    n_good = sum(r["label"] == "good" for r in rows)
+    skipped = f", {len(unreadable)} unreadable (skipped)" if unreadable else ""
+    print(f"{len(rows)} {plural(len(rows), 'image')}: {n_bad} anomalous, {n_good} good{skipped} "
+          f"(threshold {thr:.4f})")
+    for p, why in unreadable.items():
+        log.warning("skipped %s", why)
     print(f"results written to {out / 'results.csv'}")
     return 0
+
+
+def plural(n: int, word: str) -> str:
+    return word if n == 1 else f"{word}s"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -641,6 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="score threshold (default: the run's calibrated one)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--no-overlays", action="store_true", help="skip heat-map PNGs")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="score the readable images and list the others as 'unreadable' (default: stop at the "
+                        "first, writing nothing)")
     add_inference_options(p)
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("export", help="write the run as one ONNX graph: image -> (anomaly map, score)")
