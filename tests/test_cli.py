@@ -69,7 +69,7 @@ def test_fit_test_predict(tiny_run, tiny_category, tmp_path, capsys):
     assert {r["overlay"] for r in json.loads((out / "results.json").read_text())} == {""}
 
 
-def test_plain_folder_layout(tiny_category, tmp_path):
+def test_plain_folder_layout(tiny_category, tmp_path, capsys):
     good = tmp_path / "good_parts"
     shutil.copytree(tiny_category / "train" / "good", good)
     test = tmp_path / "new"
@@ -80,10 +80,13 @@ def test_plain_folder_layout(tiny_category, tmp_path):
     assert main(["fit", str(good), "--out", str(run), *TINY_FIT_ARGS, "--epochs", "1"]) == 0
     assert main(["test", str(run), "--data", str(test), "--masks", str(masks), "--out", str(tmp_path / "t")]) == 0
     assert json.loads((tmp_path / "t" / "metrics.json").read_text())["metrics"]["pixel_auroc"] is not None
-    # Without masks the pixel metrics are absent, not zero.
+    assert "pixel metrics need a mask" not in capsys.readouterr().out
+    # Without masks the pixel metrics are absent, not zero, and the output says why.
     assert main(["test", str(run), "--data", str(test), "--out", str(tmp_path / "t2")]) == 0
     m = json.loads((tmp_path / "t2" / "metrics.json").read_text())["metrics"]
     assert m["pixel_auroc"] is None and m["aupro"] is None and m["image_auroc"] is not None
+    assert "pixel metrics need a mask for every defect image; none for: crack, hole, scratch, spot (give --masks DIR)" \
+        in capsys.readouterr().out
 
 
 def test_bad_inputs_give_one_line_errors(tiny_run, tiny_category, tmp_path, capsys):
@@ -172,6 +175,15 @@ def test_predict_can_skip_unreadable_images(tiny_run, tiny_category, tmp_path, c
     printed = capsys.readouterr().out
     assert f"{len(rows)} images: " in printed and ", 2 unreadable (skipped)" in printed
     assert "001b_cut.jpg" in caplog.text and "001c_text.png" in caplog.text
+
+
+def test_verbose_before_or_after_the_command():
+    from adtr.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert not parse(["predict", "run", "x.png"]).verbose
+    assert parse(["-v", "predict", "run", "x.png"]).verbose and parse(["predict", "run", "x.png", "-v"]).verbose
+    assert parse(["fit", "good", "--out", "r", "--verbose"]).verbose
 
 
 def test_resume_names_the_options_it_ignores():

@@ -306,6 +306,10 @@ def cmd_test(args: argparse.Namespace) -> int:
     for t, pm in res.per_type.items():
         print(f"  {t:<24} image AUROC {fmt(pm['image_auroc'])}  pixel AUROC {fmt(pm['pixel_auroc'])}  "
               f"AUPRO {fmt(pm['aupro'])}  FNR {fmt(pm['fnr_at_threshold'])}")
+    unmasked = sorted({s.defect_type for s in samples if s.label == 1 and s.mask is None})
+    if m["pixel_auroc"] is None and unmasked:
+        print(f"pixel metrics need a mask for every defect image; none for: {', '.join(unmasked)}"
+              + ("" if args.masks else " (give --masks DIR)"))
     print(f"metrics written to {out / 'metrics.json'}")
     if not args.no_report:
         print(f"report written to {out / 'report.html'}")
@@ -631,15 +635,22 @@ def build_parser() -> argparse.ArgumentParser:
                                      "test, predict.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     parser.add_argument("--version", action="version", version=f"adtr {__version__}")
+    # -v also after the command (adtr fit ... -v); SUPPRESS keeps a -v given before it.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("fit", help="train on good images")
+
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[verbose], **kwargs)
+
+    p = command("fit", help="train on good images")
     p.add_argument("data", nargs="?", type=Path,
                    help="MVTec category folder (with train/good) or a folder of good images")
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--resume", action="store_true", help="continue an interrupted fit in --out")
     add_fit_options(p)
     p.set_defaults(func=cmd_fit)
-    p = sub.add_parser("calibrate", help="switch a run's thresholds: target-FPR (default) or F1-optimal on labelled data")
+    p = command("calibrate", help="switch a run's thresholds: target-FPR (default) or F1-optimal on labelled data")
     p.add_argument("run", help="run folder")
     p.add_argument("--mode", choices=["fpr", "f1"],
                    help="f1: F1-optimal thresholds on --data (default); fpr: back to the target-FPR ones from fit "
@@ -652,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confetti", metavar="GOOD_DIR",
                    help="no real defects: F1 on these good images and a confetti-corrupted copy of each (a proxy)")
     p.set_defaults(func=cmd_calibrate)
-    p = sub.add_parser("test", help="metrics on labelled test images")
+    p = command("test", help="metrics on labelled test images")
     p.add_argument("run", help="run folder")
     p.add_argument("--data", required=True, help="MVTec category folder, or a test folder with good/ and defect folders")
     p.add_argument("--masks", help="mask folder mirroring the defect folders (plain layout)")
@@ -662,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report gallery: worst false positives and negatives (default 8)")
     add_inference_options(p)  # measure the engine and precision that will be deployed
     p.set_defaults(func=cmd_test)
-    p = sub.add_parser("report", help="metrics, curves and worst cases of a run as one self-contained HTML file")
+    p = command("report", help="metrics, curves and worst cases of a run as one self-contained HTML file")
     p.add_argument("run", help="run folder")
     p.add_argument("--data", required=True, help="MVTec category folder, or a test folder with good/ and defect folders")
     p.add_argument("--masks", help="mask folder mirroring the defect folders (plain layout)")
@@ -670,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=8, help="gallery: worst false positives and negatives (default 8)")
     add_inference_options(p)
     p.set_defaults(func=cmd_report)
-    p = sub.add_parser("predict", help="score new images, write CSV/JSON and overlays")
+    p = command("predict", help="score new images, write CSV/JSON and overlays")
     p.add_argument("run", help="run folder")
     p.add_argument("inputs", nargs="+", help="images, folders or glob patterns")
     p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
@@ -682,13 +693,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "first, writing nothing)")
     add_inference_options(p)
     p.set_defaults(func=cmd_predict)
-    p = sub.add_parser("export", help="write the run as one ONNX graph: image -> (anomaly map, score)")
+    p = command("export", help="write the run as one ONNX graph: image -> (anomaly map, score)")
     p.add_argument("run", help="run folder")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default onnx)")
     p.add_argument("--out", help="file to write (default RUN/model.onnx)")
     p.add_argument("--opset", type=int, help="ONNX opset (default 20; 18 or newer)")
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("tsne", help="t-SNE of feature-difference vectors, normal vs anomalous pixels (Fig. 5)")
+    p = command("tsne", help="t-SNE of feature-difference vectors, normal vs anomalous pixels (Fig. 5)")
     p.add_argument("run", help="run folder")
     p.add_argument("--data", required=True, help="MVTec category folder, or a test folder with masks")
     p.add_argument("--masks", help="mask folder mirroring the defect folders (plain layout)")
@@ -696,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=positive_int, default=600, help="difference vectors to embed, half anomalous (default 600)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tsne)
-    p = sub.add_parser("serve", help="HTTP API and web page: POST an image, get its score, decision and overlay")
+    p = command("serve", help="HTTP API and web page: POST an image, get its score, decision and overlay")
     p.add_argument("run", help="run folder")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it, unauthenticated)")
@@ -705,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="score threshold (default: the run's calibrated one)")
     add_inference_options(p)
     p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("demo", help="generate a dataset, fit, test and predict in a few minutes")
+    p = command("demo", help="generate a dataset, fit, test and predict in a few minutes")
     p.add_argument("--out", default="demo_results", help="results folder")
     p.add_argument("--minutes", type=float, default=2.0, help="training budget in minutes")
     p.add_argument("--seed", type=int, default=0)
