@@ -113,8 +113,11 @@ def test_calibrate_f1_and_back(tiny_run, tiny_category, tmp_path, capsys):
     pred = scores > cal["threshold"]
     tp = (pred & (labels == 1)).sum()
     assert 2 * tp / (pred.sum() + labels.sum()) == pytest.approx(cal["f1_image"])
-    assert "F1-optimal" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "F1-optimal" in printed and "model.onnx" not in printed  # nothing exported, nothing to say
+    (run / "model.onnx").write_bytes(b"stands in for an export")
     assert main(["calibrate", str(run), "--mode", "fpr"]) == 0
+    assert f"note: {run / 'model.onnx'} still carries the old threshold" in capsys.readouterr().out
     back = load_checkpoint(run / "model.pt")["calibration"]
     assert back["threshold"] == before["threshold"] and back["pixel_threshold"] == before["pixel_threshold"]
 

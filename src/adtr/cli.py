@@ -342,6 +342,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print_expected_fpr(cal)
     print(f"  F1-optimal thresholds: image {fmt('threshold_f1')} (F1 {fmt('f1_image')}), "
           f"pixel {fmt('pixel_threshold_f1')} (F1 {fmt('f1_pixel')})")
+    onnx = Path(args.run) / "model.onnx"
+    if onnx.is_file():  # adtr predict --engine onnx reads the new threshold from the run; a bare onnxruntime does not
+        print(f"note: {onnx} still carries the old threshold in its metadata; run `adtr export {args.run}` again "
+              "for deployments that read it")
     return 0
 
 
