@@ -164,7 +164,8 @@ def test_predict_can_skip_unreadable_images(tiny_run, tiny_category, tmp_path, c
     assert "001b_cut.jpg" in err or "001c_text.png" in err
     assert not (tmp_path / "p1").exists()
     out = tmp_path / "p2"
-    assert main(["predict", str(tiny_run), str(folder), "--out", str(out), "--skip-unreadable", "--batch-size", "2"]) == 0
+    assert main(["predict", str(tiny_run), str(folder), "--out", str(out), "--skip-unreadable",
+                 "--batch-size", "2"]) == 0
     rows = json.loads((out / "results.json").read_text())
     assert [Path(r["image"]).name for r in rows] == names
     skipped = [r for r in rows if r["label"] == "unreadable"]

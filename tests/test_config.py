@@ -33,9 +33,11 @@ def test_an_impossible_scoring_value_names_its_field_and_flag(field, value, flag
 
 
 @pytest.mark.parametrize("field, value, named", [
-    ("grid_stride", 0, r"model\.grid_stride \(--grid-stride\)"), ("grid_stride", -16, r"model\.grid_stride \(--grid-stride\)"),
+    ("grid_stride", 0, r"model\.grid_stride \(--grid-stride\)"),
+    ("grid_stride", -16, r"model\.grid_stride \(--grid-stride\)"),
     ("image_size", 0, r"model\.image_size \(--image-size\)"), ("stages", (), r"model\.stages \(--stages\)"),
-    ("dropout", 1.0, r"model\.dropout \(--dropout\)"), ("cells_per_token", 0, r"model\.cells_per_token \(--cells-per-token\)"),
+    ("dropout", 1.0, r"model\.dropout \(--dropout\)"),
+    ("cells_per_token", 0, r"model\.cells_per_token \(--cells-per-token\)"),
     ("dim", 0, r"model\.dim"), ("num_heads", 0, r"model\.num_heads"), ("ffn_dim", 0, r"model\.ffn_dim"),
     ("num_encoder_layers", 0, r"model\.num_encoder_layers"), ("num_decoder_layers", 0, r"model\.num_decoder_layers"),
 ])

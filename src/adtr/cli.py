@@ -466,7 +466,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     skipped = f", {len(unreadable)} unreadable (skipped)" if unreadable else ""
     print(f"{len(rows)} {plural(len(rows), 'image')}: {n_bad} anomalous, {n_good} good{skipped} "
           f"(threshold {thr:.4f})")
-    for p, why in unreadable.items():
+    for why in unreadable.values():  # each names its file
         log.warning("skipped %s", why)
     print(f"results written to {out / 'results.csv'}")
     return 0
@@ -518,7 +518,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=[*INFERENCE_PRECISIONS, "auto"], default="fp32",
                    help="fp32 (default: the reference the threshold was calibrated with), bf16 autocast "
-                        "(faster on AMX/AVX512-BF16 CPUs and GPUs; scores within 2%% of fp32, the parity test's bound; typically a few tenths of 1%%) or int8 "
+                        "(faster on AMX/AVX512-BF16 CPUs and GPUs; scores within 2%% of fp32, the parity test's "
+                        "bound, typically a few tenths of 1%%) or int8 "
                         "(--engine compile on x86 CPUs: the transformer's linear layers in int8; maps within "
                         "about 1e-3 of fp32)")
     p.add_argument("--engine", choices=ENGINES, default="torch",
@@ -708,7 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="MVTec category folder, or a test folder with masks")
     p.add_argument("--masks", help="mask folder mirroring the defect folders (plain layout)")
     p.add_argument("--out", default="tsne.png", help="PNG to write (default ./tsne.png)")
-    p.add_argument("--n", type=positive_int, default=600, help="difference vectors to embed, half anomalous (default 600)")
+    p.add_argument("--n", type=positive_int, default=600,
+                   help="difference vectors to embed, half anomalous (default 600)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tsne)
     p = command("serve", help="HTTP API and web page: POST an image, get its score, decision and overlay")
