@@ -132,6 +132,10 @@ IMAGE_CASES = [
     Case("zero bytes", "an empty file named .png", write("empty.png", b""), False, "empty.png"),
     Case("text named .png", "a text file with an image suffix", write("notes.png", b"batch 7: all good\n"), False,
          "notes.png"),
+    Case("PostScript named .png", "an EPS file with an image suffix (PIL would hand it to Ghostscript)",
+         write("drawing.png", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"), False, "drawing.png"),
+    Case("GIF named .png", "another format than its suffix says", write("anim.png", encoded(noise(16, 16).convert("P"),
+         "GIF")), False, "anim.png"),
     Case("16-bit TIFF", "grey uint16 TIFF", write("deep.tif", encoded(
         Image.fromarray(np.random.default_rng(1).integers(0, 65536, (40, 40), dtype=np.uint16)), "TIFF")), True,
         "deep.tif", "scaled by 1/257 to 8 bits"),

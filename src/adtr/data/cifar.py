@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from adtr.data.images import IMAGE_SUFFIXES, list_images, read_image, require_dir, to_rgb
+from adtr.data.images import IMAGE_FORMATS, IMAGE_SUFFIXES, list_images, read_image, require_dir, to_rgb
 from adtr.errors import AdtrError, file_error, first_line
 
 CIFAR10_CLASSES = (
@@ -243,7 +243,7 @@ def _class_order(names: list[str]) -> tuple[str, ...]:
 def _decode(path: Path) -> np.ndarray:
     """RGB uint8 pixels of ``path``; a lean path for the common case (50,000 tiny files)."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=IMAGE_FORMATS) as img:
             return np.asarray(img if img.mode == "RGB" else to_rgb(img))
     except Exception:
         # Let the careful reader produce the proper one-line error (or succeed on

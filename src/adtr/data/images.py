@@ -19,7 +19,9 @@ from PIL import Image, UnidentifiedImageError
 from adtr.errors import AdtrError, file_error, first_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # the PIL decoders behind IMAGE_SUFFIXES; uploads get only these
+# The PIL decoders behind IMAGE_SUFFIXES, and the only ones any file or upload is given to,
+# whatever its suffix: an EPS named .png would otherwise reach Ghostscript where installed.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 
 _UINT16_MAX = 65535.0
 
@@ -71,7 +73,7 @@ def _open_loaded(path: str | Path) -> Image.Image:
         raise file_error(path, "not a regular file (a folder, pipe, socket or device)")
     if path.stat().st_size == 0:
         raise file_error(path, "file is empty (0 bytes)")
-    return _decode(path, path)
+    return _decode(path, path, formats=IMAGE_FORMATS)
 
 
 def _decode(source: str | Path | BinaryIO, name: str | Path, max_pixels: int | None = None,
@@ -100,7 +102,7 @@ def _decode(source: str | Path | BinaryIO, name: str | Path, max_pixels: int | N
 def failure_reason(exc: BaseException) -> str:
     """One line saying why a file could not be read, without repeating its path."""
     if isinstance(exc, UnidentifiedImageError):
-        return "not a recognised image file"
+        return f"not a recognised image file (accepted: {', '.join(IMAGE_FORMATS)})"
     if isinstance(exc, PermissionError):
         return "permission denied"
     if isinstance(exc, OSError) and exc.strerror and exc.filename:
@@ -111,7 +113,7 @@ def failure_reason(exc: BaseException) -> str:
 def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) from the file's header, without decoding pixels."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=IMAGE_FORMATS) as img:
             return img.size
     except Exception as exc:  # noqa: BLE001 - any failure means an unreadable file
         raise file_error(path, f"cannot read image: {failure_reason(exc)}") from exc
@@ -138,7 +140,7 @@ def verify_image(path: str | Path) -> None:
     if not path.is_file() or path.stat().st_size == 0:
         _open_loaded(path)  # Raises the matching "missing"/"empty" error.
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=IMAGE_FORMATS) as img:
             img.verify()
     except Exception as exc:
         raise file_error(path, f"cannot read image: {failure_reason(exc)}") from exc
