@@ -36,6 +36,21 @@ def test_bad_stage_and_stride_are_clear_errors():
         bb.grid_size(100)
 
 
+def test_a_hub_hosted_name_is_refused_before_timm_sees_it(monkeypatch):
+    """A downloaded checkpoint could carry ``hf-hub:someone/model``, for which timm fetches a
+    config from the internet even for weights="none"."""
+    import timm
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("timm.create_model was called")
+
+    monkeypatch.setattr(timm, "create_model", no_network)
+    for name in ("hf-hub:someone/beacon", "timm/resnet50.a1_in1k"):
+        for weights in ("none", "hub"):
+            with pytest.raises(AdtrError, match=r"unknown timm backbone .*give one of timm\.list_models\(\)"):
+                create_classifier(name, weights)
+
+
 def test_unknown_model_and_unpackaged_weights():
     with pytest.raises(AdtrError, match="unknown timm backbone"):
         create_classifier("no_such_net", "none")

@@ -82,6 +82,10 @@ def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
 
 def create_classifier(name: str, weights: str) -> nn.Module:
     """The full timm network (with its ImageNet head) carrying the requested weights."""
+    if not timm.is_model(name):
+        # Only timm's own architectures: a name like ``hf-hub:someone/model`` (which a downloaded
+        # checkpoint could carry) makes timm fetch a config from the internet even without weights.
+        raise AdtrError(f"unknown timm backbone {name!r}: give one of timm.list_models(), e.g. tf_efficientnet_b4")
     if weights == "hub":
         try:
             return timm.create_model(name, pretrained=True)
