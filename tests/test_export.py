@@ -161,6 +161,15 @@ def test_missing_or_stale_export_gives_clean_errors(run, test_images, tmp_path, 
     with pytest.raises(AdtrError, match="other weights"):
         Detector.load(bare, device="cpu", engine="onnx")
 
+    # Metadata edited into something that is not a number: one line naming the file.
+    proto = onnx.load(str(run / "model.onnx"))
+    for prop in proto.metadata_props:
+        if prop.key == "image_size":
+            prop.value = "abc"
+    onnx.save(proto, str(bare / "model.onnx"))
+    with pytest.raises(AdtrError, match=r"model\.onnx: metadata image_size 'abc' .* is not a number"):
+        OnnxScorer(bare / "model.onnx")
+
 
 def test_bad_export_options_give_clean_errors(run, tmp_path, capsys):
     assert "opset" in one_line_error(capsys, ["export", str(run), "--opset", "11"])

@@ -220,8 +220,12 @@ class OnnxScorer:
             raise file_error(path, "not an adtr export (no image_size/threshold metadata); re-run `adtr export`")
         self.path = path
         self.metadata: dict[str, str] = dict(meta)
-        self.image_size = int(meta["image_size"])
-        self.threshold = float(meta["threshold"])
+        try:
+            self.image_size = int(meta["image_size"])
+            self.threshold = float(meta["threshold"])
+        except ValueError:
+            raise file_error(path, f"metadata image_size {meta['image_size']!r} or threshold {meta['threshold']!r} "
+                                   "is not a number; re-run `adtr export`") from None
 
     @property
     def provider(self) -> str:
