@@ -40,8 +40,9 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def post(client: TestClient, data: bytes, name: str = "part.png", ctype: str = "image/png"):
-    return client.post("/predict", files={"file": (name, data, ctype)})
+def post(client: TestClient, data: bytes, name: str = "part.png", ctype: str = "image/png",
+         headers: dict[str, str] | None = None):
+    return client.post("/predict", files={"file": (name, data, ctype)}, headers=headers)
 
 
 def assert_error(response, status: int, *words: str) -> str:
@@ -195,6 +196,19 @@ def test_host_allow_list(detector):
         assert c.get("/health").status_code == 200
     with TestClient(app, base_url="http://attacker.example") as c:
         assert_error(c.get("/health"), 400, "Host")
+
+
+def test_a_page_elsewhere_cannot_post_to_a_loopback_server(detector, tiny_category):
+    """A cross-site form POST reaches 127.0.0.1 from the user's browser without a preflight;
+    its Origin gives it away. The server's own page (same origin) and clients that send no
+    Origin (curl, scripts) are served."""
+    app = create_app(detector, allowed_hosts=["127.0.0.1", "localhost", "::1"])
+    blob = (tiny_category / "test" / "good" / "000.png").read_bytes()
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        for origin in ("https://attacker.example", "http://127.0.0.1:9999", "null"):
+            assert_error(post(c, blob, headers={"Origin": origin}), 403, "cross-origin")
+        assert post(c, blob, headers={"Origin": "http://127.0.0.1:8000"}).status_code == 200
+        assert post(c, blob).status_code == 200
 
 
 def test_concurrent_requests_are_served_one_model_safely(client, tiny_category):

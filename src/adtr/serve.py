@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import FastAPI, File, Request, UploadFile
@@ -149,6 +150,11 @@ class Guard:
         if self.allowed_hosts is not None and _host_name(headers.get("host", "")).lower() not in self.allowed_hosts:
             error = (400, "invalid Host header: this server only answers requests addressed to "
                           + ", ".join(sorted(self.allowed_hosts)))
+        elif self.allowed_hosts is not None and "origin" in headers and \
+                urlsplit(headers["origin"]).netloc.lower() != headers.get("host", "").lower():
+            # On loopback the threat is a web page elsewhere posting to this server from the
+            # user's browser (a cross-site form POST needs no preflight): only this page may.
+            error = (403, "cross-origin request refused: only the page this server serves may call it")
         elif "content-length" in headers:
             try:
                 declared = int(headers["content-length"])
