@@ -209,6 +209,15 @@ def test_checkpoint_from_another_backbone(tiny_run, tmp_path, capsys):
     assert "model.pt" in err and "resnet18" in err
 
 
+def test_checkpoint_without_its_calibration(tiny_run, tmp_path, capsys):
+    """A model.pt made or edited elsewhere, lacking an entry: one line naming the file and the entry."""
+    ckpt = ckpt_io.load_checkpoint(tiny_run / "model.pt")
+    del ckpt["calibration"]
+    ckpt_io.atomic_save(ckpt, tmp_path / "cut" / "model.pt")
+    err = error_of(capsys, ["predict", str(tmp_path / "cut"), str(tiny_run)])
+    assert "model.pt" in err and "incomplete model checkpoint (no calibration)" in err
+
+
 def test_checkpoint_whose_weights_do_not_fit_its_grid(tiny_run, tmp_path, capsys):
     """A model.pt whose config names another grid than its position embeddings were trained on."""
     ckpt = ckpt_io.load_checkpoint(tiny_run / "model.pt")

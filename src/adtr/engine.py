@@ -71,6 +71,9 @@ def restore_networks(ckpt: dict[str, Any], path: Path) -> tuple[RunConfig, Froze
     """Config, backbone and model of a finished run's checkpoint (nothing else is needed)."""
     if ckpt.get("kind") != "model":
         raise AdtrError(f"{path}: a training checkpoint, not a finished model; run `adtr fit --resume`")
+    missing = [key for key in ("config", "backbone", "model", "calibration") if key not in ckpt]
+    if missing:  # save_model writes them all: the file was made or edited elsewhere
+        raise AdtrError(f"{path}: incomplete model checkpoint (no {', '.join(missing)}); fit the run again")
     config = from_dict(ckpt["config"])
     backbone = build_backbone(config.model, weights="none")
     try:
