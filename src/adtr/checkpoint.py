@@ -103,8 +103,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             msg = "refused: the file contains pickled objects other than tensors (possible code)"
         elif isinstance(exc, EOFError) or "zip archive" in str(exc) or "central directory" in str(exc):
-            msg = f"the file is truncated or damaged ({path.stat().st_size} bytes); {DAMAGED_ADVICE.get(path.name, '')}"
-            msg = msg.rstrip("; ")
+            advice = DAMAGED_ADVICE.get(path.name)
+            msg = f"the file is truncated or damaged ({path.stat().st_size} bytes)" + (f"; {advice}" if advice else "")
         raise file_error(path, f"cannot load checkpoint: {msg}") from exc
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise file_error(path, "not an adtr checkpoint")

@@ -408,52 +408,46 @@ def cmd_predict(args: argparse.Namespace) -> int:
     det = Detector.load(args.run, precision=args.precision, engine=args.engine)
     paths = expand_inputs(args.inputs)
     unreadable: dict[Path, str] = {}  # with --skip-unreadable: file -> why
+
+    def skip_or_stop(p: Path, exc: AdtrError) -> None:
+        """--skip-unreadable notes the file; otherwise it ends the command, with nothing written."""
+        if not args.skip_unreadable:
+            raise exc
+        unreadable[p] = str(exc)
+
     for p in paths:
         try:
             verify_image(p)
         except AdtrError as exc:
-            if not args.skip_unreadable:
-                raise
-            unreadable[p] = str(exc)
-
-    def decode(p: Path) -> torch.Tensor | None:
-        """The image as a model input; None for a file that fails to decode under --skip-unreadable."""
-        if p in unreadable:
-            return None
-        try:
-            return det.to_tensor(p)
-        except AdtrError as exc:
-            if not args.skip_unreadable:
-                raise
-            unreadable[p] = str(exc)
-            return None
-
+            skip_or_stop(p, exc)
     out = Path(args.out)
     thr = det.threshold if args.threshold is None else args.threshold
     vmax = 2 * thr if np.isfinite(thr) and thr > 0 else None  # one colour scale for every overlay
-    rows = []
+    rows: list[dict[str, Any]] = [{} for _ in paths]  # in input order, filled batch by batch
     # An image that fails to decode half-way leaves nothing behind; a success replaces the
     # overlays of an earlier predict into ``out`` (the rows name the ones they go with).
     with staged_outputs(out, replaces=("overlays",)) as stage:
         for i in tqdm(range(0, len(paths), args.batch_size), desc="predict", unit="batch"):
-            decoded = {i + j: (p, decode(p)) for j, p in enumerate(paths[i:i + args.batch_size])}
-            for k, (p, _) in decoded.items():  # in input order, among the scored rows below
-                if p in unreadable:
-                    rows.append({"image": str(p), "score": None, "normalized_score": None, "threshold": thr,
-                                 "label": "unreadable", "overlay": "", "index": k})
-            ok = [(k, p, image) for k, (p, image) in decoded.items() if image is not None]
-            if not ok:
+            decoded = []  # (index, path, (3, S, S) image), decoded once
+            for k in range(i, min(i + args.batch_size, len(paths))):
+                if paths[k] not in unreadable:
+                    try:
+                        decoded.append((k, paths[k], det.to_tensor(paths[k])))
+                    except AdtrError as exc:
+                        skip_or_stop(paths[k], exc)
+                if paths[k] in unreadable:
+                    rows[k] = {"image": str(paths[k]), "score": None, "normalized_score": None, "threshold": thr,
+                               "label": "unreadable", "overlay": ""}
+            if not decoded:
                 continue
-            maps, scores = det.score_tensors(torch.stack([image for _, _, image in ok]))  # (B, 3, S, S)
-            for (k, p, image), amap, score in zip(ok, maps.numpy(), scores.tolist()):
+            maps, scores = det.score_tensors(torch.stack([image for _, _, image in decoded]))
+            for (k, p, image), amap, score in zip(decoded, maps.numpy(), scores.tolist()):
                 overlay = "" if args.no_overlays else f"overlays/{k:05d}_{p.stem}.png"
-                rows.append({"image": str(p), "score": score, "normalized_score": normalize_scores(score, thr),
-                             "threshold": thr, "label": "anomalous" if score > thr else "good", "overlay": overlay,
-                             "index": k})
+                rows[k] = {"image": str(p), "score": score, "normalized_score": normalize_scores(score, thr),
+                           "threshold": thr, "label": "anomalous" if score > thr else "good", "overlay": overlay}
                 if overlay:
                     panel = overlay_panel(tensor_to_uint8(image), amap, 0.0, vmax or float(amap.max()))
                     save_png(panel, stage / overlay)
-        rows = [{k: v for k, v in row.items() if k != "index"} for row in sorted(rows, key=lambda r: r["index"])]
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=["image", "score", "normalized_score", "threshold", "label", "overlay"])
         writer.writeheader()
