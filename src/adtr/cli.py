@@ -398,11 +398,10 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
-    from tqdm import tqdm
-
     from adtr.data import verify_image
     from adtr.detector import Detector
     from adtr.postprocess import normalize_scores
+    from adtr.progress import batches
     from adtr.visualize import overlay_panel, save_png, tensor_to_uint8
 
     det = Detector.load(args.run, precision=args.precision, engine=args.engine)
@@ -427,7 +426,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # An image that fails to decode half-way leaves nothing behind; a success replaces the
     # overlays of an earlier predict into ``out`` (the rows name the ones they go with).
     with staged_outputs(out, replaces=("overlays",)) as stage:
-        for i in tqdm(range(0, len(paths), args.batch_size), desc="predict", unit="batch"):
+        for i in batches(range(0, len(paths), args.batch_size), "predict", leave=True):
             decoded = []  # (index, path, (3, S, S) image), decoded once
             for k in range(i, min(i + args.batch_size, len(paths))):
                 if paths[k] not in unreadable:

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from adtr import checkpoint as ckpt_io
 from adtr.anomalies import AnomalyPool, confetti_pool, decode_images, labelled_pool, mix_anomalies
@@ -36,6 +35,7 @@ from adtr.models.adtr import ADTR, RECONSTRUCTORS, ADTROutput, reconstruction_lo
 from adtr.models.backbone import FrozenBackbone, PixelPatches
 from adtr.optim import MuonAdamW, make_optimizer
 from adtr.postprocess import image_score, pixel_anomaly_map, pixel_quantile_threshold, quantile_threshold
+from adtr.progress import EpochProgress
 
 log = logging.getLogger(__name__)
 
@@ -582,7 +582,7 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
     log.info("training %d epochs x %d steps on %d images (%d held out)", epochs, steps_per_epoch,
              len(train_samples), len(val_samples))
 
-    bar = tqdm(desc="fit+" if plus else "fit", unit="epoch", initial=start_epoch, total=epochs)
+    bar = EpochProgress("fit+" if plus else "fit", start_epoch, epochs)
     epoch_times: list[float] = []  # wall time of each epoch run by this call
     for epoch in itertools.count(start_epoch):  # ``epochs`` may be re-planned (may_replan)
         if epoch >= epochs:
@@ -648,11 +648,10 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
                 epochs, total_steps = replanned, replanned * steps_per_epoch
                 if (epoch + 1) * steps_per_epoch < warmup:  # still warming up: the ramp follows the plan
                     warmup = int(tc.warmup_fraction * total_steps)
-                bar.total = epochs
+                bar.replan(epochs)
         record["epochs_planned"] = epochs
         history.append(record)
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{record.get('val_loss', float('nan')):.3f}")
-        bar.update(1)
+        bar.epoch_done(record)
         if on_epoch is not None:
             on_epoch(record)
         stop = epoch + 1 >= epochs

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from adtr.data import ImageDataset, Sample, has_masks
 from adtr.detector import Detector
 from adtr.metrics import aupro, f1_max, image_auroc, pixel_auroc
+from adtr.progress import batches
 
 
 @dataclass
@@ -51,7 +51,7 @@ def evaluate(detector: Detector, samples: Sequence[Sample], batch_size: int = 16
     ds = ImageDataset(samples, detector.image_size)
     maps, scores, masks = [], [], []
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
-    for batch in tqdm(loader, desc="test", unit="batch", leave=False):
+    for batch in batches(loader, "test"):
         m, s = detector.score_tensors(batch["image"])
         maps.append(m.numpy().astype(np.float32))
         scores.append(s.numpy())

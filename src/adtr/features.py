@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from adtr.data.dataset import ImageSource, as_dataset
 from adtr.models.backbone import FrozenBackbone
+from adtr.progress import batches
 
 MEMORY_LIMIT_BYTES = 4 * 1024**3
 
@@ -50,7 +50,7 @@ def extract_features(backbone: FrozenBackbone, samples: ImageSource, image_size:
         out = torch.empty(shape, dtype=torch.float32)
     backbone.to(device)
     start = 0
-    for batch in tqdm(loader(samples, image_size, batch_size), desc=desc, unit="batch", leave=False):
+    for batch in batches(loader(samples, image_size, batch_size), desc):
         feats = backbone(batch["image"].to(device)).float().cpu()
         out[start:start + len(feats)] = feats
         start += len(feats)
