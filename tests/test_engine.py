@@ -356,15 +356,39 @@ def test_replan_counts_the_whole_fit_against_the_budget():
     assert replan_epochs(cfg, elapsed_seconds=900, epoch_seconds=20, reserve_seconds=10, done=3) == 3
 
 
-def test_best_validation_epoch_is_selected(tiny_category, tmp_path):
+def test_best_validation_epoch_is_selected(tiny_category, tmp_path, monkeypatch):
+    """The held-out loss is scripted so that epoch 2 is best: model.pt must hold epoch 2's
+    weights (as the validation pass saw them), not the last epoch's; ``select="last"`` the last."""
+    import adtr.engine
+
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    seen: list[dict[str, torch.Tensor]] = []  # the weights at each epoch's validation
+
+    def scripted(losses):
+        values = iter(losses)
+
+        def mean_loss(model, *args, **kwargs):
+            seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            return next(values)
+        return mean_loss
+
+    def same(weights, other):
+        return all(torch.equal(weights[k], other[k]) for k in weights)
+
+    monkeypatch.setattr(adtr.engine, "mean_loss", scripted([1.0, 0.5, 2.0, 3.0]))
     result = fit(tiny_config(epochs=4, lr=3e-3), samples, tmp_path / "best")
-    val = [h["val_loss"] for h in result.history]
-    assert result.selected_epoch == 1 + val.index(min(val))
+    assert [h["val_loss"] for h in result.history] == [1.0, 0.5, 2.0, 3.0]
+    assert result.selected_epoch == 2
     ckpt = ckpt_io.load_checkpoint(tmp_path / "best" / "model.pt")
-    assert ckpt["calibration"]["selected_epoch"] == result.selected_epoch
+    assert ckpt["calibration"]["selected_epoch"] == 2
+    assert same(ckpt["model"], seen[1]) and not same(ckpt["model"], seen[3])
+
+    seen.clear()
+    monkeypatch.setattr(adtr.engine, "mean_loss", scripted([1.0, 0.5, 2.0, 3.0]))
     last = fit(tiny_config(epochs=4, lr=3e-3, select="last"), samples, tmp_path / "last")
     assert last.selected_epoch == 4
+    weights = ckpt_io.load_checkpoint(tmp_path / "last" / "model.pt")["model"]
+    assert same(weights, seen[3]) and not same(weights, seen[1])
 
 
 def test_resume_refuses_other_images(tiny_category, tmp_path):

@@ -8,22 +8,21 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx  # onnx, onnxscript and onnxruntime are core dependencies: a broken install fails here, not skips
+import onnxruntime  # noqa: F401
+import onnxscript  # noqa: F401
 import pytest
 import torch
 
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
-import onnx  # noqa: E402
+from adtr import checkpoint as ckpt_io
+from adtr.cli import main
+from adtr.data import index_mvtec
+from adtr.detector import Detector
+from adtr.engine import fit
+from adtr.errors import AdtrError
+from adtr.export import RTOL, OnnxScorer, load_scoring_model
 
-from adtr import checkpoint as ckpt_io  # noqa: E402
-from adtr.cli import main  # noqa: E402
-from adtr.data import index_mvtec  # noqa: E402
-from adtr.detector import Detector  # noqa: E402
-from adtr.engine import fit  # noqa: E402
-from adtr.errors import AdtrError  # noqa: E402
-from adtr.export import RTOL, OnnxScorer, load_scoring_model  # noqa: E402
-
-from conftest import tiny_config  # noqa: E402
+from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
