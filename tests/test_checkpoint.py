@@ -85,6 +85,24 @@ def test_garbage_version_and_missing_files(tmp_path):
         ckpt_io.find_run_file(tmp_path)
 
 
+def test_a_file_that_is_no_checkpoint_is_named_as_such_not_as_a_threat(tmp_path):
+    """An image, a text file or the exported ONNX graph given where a checkpoint belongs said
+    "pickled objects other than tensors (possible code)" or torch's bare "101"; none of them is
+    unpickled now, and the message says what the file is not, or what to give instead."""
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "000.png")
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch")
+    for name, expected in (("000.png", "not a checkpoint written by adtr"), ("notes.txt", "not a checkpoint written"),
+                           ("model.onnx", "an ONNX graph, not a checkpoint: give the run folder")):
+        with pytest.raises(AdtrError) as info:
+            ckpt_io.load_checkpoint(tmp_path / name)
+        message = str(info.value)
+        assert message.startswith(f"{tmp_path / name}: cannot load checkpoint: {expected}"), message
+        assert "possible code" not in message
+
+
 @pytest.mark.parametrize("keep", [0, 100])
 def test_a_damaged_run_file_says_so_and_what_to_do(tmp_path, keep):
     """A truncated or emptied last.pt (a disk that filled up, a bad copy) names the file, says it

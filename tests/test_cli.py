@@ -36,6 +36,27 @@ def error_of(capsys, argv: list[str]) -> str:
     return err
 
 
+def assert_rows_are_the_models(run: Path, rows: list[dict], out: Path) -> None:
+    """Each scored row holds the Python API's score for its own image, the label that score
+    gets at the row's threshold, ``0.5 * score / threshold`` clipped to [0, 1], and the CSV
+    says what the JSON says."""
+    import csv
+
+    from adtr.detector import Detector
+
+    scored = [r for r in rows if r["label"] != "unreadable"]
+    reference = Detector.load(run, device="cpu").predict([Path(r["image"]) for r in scored])
+    for row, ref in zip(scored, reference, strict=True):
+        assert row["score"] == pytest.approx(ref.score, rel=1e-5), row["image"]
+        assert row["label"] == ("anomalous" if row["score"] > row["threshold"] else "good")
+        assert row["normalized_score"] == pytest.approx(min(max(0.5 * row["score"] / row["threshold"], 0), 1))
+    with open(out / "results.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert [(t["image"], t["label"], t["overlay"]) for t in table] == [(r["image"], r["label"], r["overlay"])
+                                                                       for r in rows]
+    assert [float(t["score"]) if t["score"] else None for t in table] == pytest.approx([r["score"] for r in rows])
+
+
 def test_fit_test_predict(tiny_run, tiny_category, tmp_path, capsys):
     assert (tiny_run / "model.pt").is_file()
     assert main(["test", str(tiny_run), "--data", str(tiny_category), "--out", str(tmp_path / "t")]) == 0
@@ -53,6 +74,14 @@ def test_fit_test_predict(tiny_run, tiny_category, tmp_path, capsys):
                  str(tiny_category / "test" / "hole" / "*.png"), "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())
     assert len(rows) == 6 and {r["label"] for r in rows} <= {"good", "anomalous"}
+    assert_rows_are_the_models(tiny_run, rows, out)
+    # At a threshold inside the score range both labels occur, and each follows its own score.
+    median = sorted(r["score"] for r in rows)[2]
+    assert main(["predict", str(tiny_run), str(tiny_category / "test" / "good"),
+                 str(tiny_category / "test" / "hole" / "*.png"), "--out", str(out), "--threshold", str(median)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["label"] for r in rows} == {"good", "anomalous"} and {r["threshold"] for r in rows} == {median}
+    assert_rows_are_the_models(tiny_run, rows, out)
     assert (out / "results.csv").read_text().splitlines()[0] == \
         "image,score,normalized_score,threshold,label,overlay"
     overlays = sorted((out / "overlays").glob("*.png"))
@@ -173,6 +202,7 @@ def test_predict_can_skip_unreadable_images(tiny_run, tiny_category, tmp_path, c
     assert all(r["score"] is None and r["overlay"] == "" for r in skipped)
     scored = [r for r in rows if r["label"] != "unreadable"]
     assert scored and all(isinstance(r["score"], float) and (out / r["overlay"]).is_file() for r in scored)
+    assert_rows_are_the_models(tiny_run, rows, out)  # batches of 2 with gaps: each score still on its row
     printed = capsys.readouterr().out
     assert f"{len(rows)} images: " in printed and ", 2 unreadable (skipped)" in printed
     assert "001b_cut.jpg" in caplog.text and "001c_text.png" in caplog.text

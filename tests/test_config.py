@@ -16,6 +16,7 @@ from adtr.errors import AdtrError
     ("grad_clip", -1.0, "--grad-clip"), ("val_fraction", 1.0, "--val-fraction"), ("patience", -1, "--patience"),
     ("max_minutes", -5.0, "--max-minutes"), ("checkpoint_seconds", -1.0, "--checkpoint-every"),
     ("schedule", "cosine", "--schedule"), ("optimizer", "sgd", "--optimizer"), ("muon_rms", 0.0, "--muon-rms"),
+    ("precision", "fp16", "--precision"), ("select", "best", "--select"), ("feature_cache", "ram", "--feature-cache"),
 ])
 def test_an_impossible_training_value_names_its_field_and_flag(field, value, flag):
     with pytest.raises(AdtrError, match=rf"train\.{field} \({flag}\) must be .*got {value}"):
@@ -40,9 +41,16 @@ def test_an_impossible_scoring_value_names_its_field_and_flag(field, value, flag
     ("cells_per_token", 0, r"model\.cells_per_token \(--cells-per-token\)"),
     ("dim", 0, r"model\.dim"), ("num_heads", 0, r"model\.num_heads"), ("ffn_dim", 0, r"model\.ffn_dim"),
     ("num_encoder_layers", 0, r"model\.num_encoder_layers"), ("num_decoder_layers", 0, r"model\.num_decoder_layers"),
+    ("error_space", "standardised", r"model\.error_space \(--error-space\)"),
+    ("reconstructor", "mlp", r"model\.reconstructor \(--reconstructor\)"),
+    ("target", "patches", r"model\.target \(--target\)"), ("pos_init", "zeros", r"model\.pos_init \(--pos-init\)"),
+    ("cross_init", "same", r"model\.cross_init \(--cross-init\)"),
+    ("neighbour_mask", -3, r"model\.neighbour_mask \(--neighbour-mask\)"),
+    ("jitter", -1.0, r"model\.jitter \(--jitter\)"),
 ])
 def test_an_impossible_model_size_names_its_field(field, value, named):
-    """A zero stride used to divide by zero inside the backbone, a zero width inside torch."""
+    """A zero stride used to divide by zero inside the backbone, a zero width inside torch; a
+    misspelt choice (``standardised``) trained on as if it were the default, or failed late."""
     with pytest.raises(AdtrError, match=rf"^{named} must be .*got {value}"):
         with_overrides(RunConfig(), "model", **{field: value})
 

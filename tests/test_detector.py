@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -50,3 +52,39 @@ def test_arrays_are_read_as_files_of_their_depth_are(tiny_run, tmp_path):
                       (np.zeros((0, 48, 3), np.uint8), "not an image"), (rgb.astype(str), "holds no pixel values")):
         with pytest.raises(AdtrError, match=says):
             det.predict(bad)
+
+
+def test_score_tensors_refuses_batches_that_would_score_wrongly(tiny_run):
+    """A 0-255, integer, channels-last or wrongly sized batch used to score without complaint."""
+    import torch
+
+    det = Detector.load(tiny_run, device="cpu")
+    s = det.image_size
+    good = torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(0))
+    maps, scores = det.score_tensors(good)
+    assert maps.shape == (2, s, s) and scores.shape == (2,)
+    np.testing.assert_array_equal(det.score_tensors(good.numpy())[1], scores)  # numpy is taken as it is
+    cases = {
+        "divide by 255": good * 255,
+        "uint8 (divide by 255)": (good * 255).to(torch.uint8),
+        "channels last?": good.permute(0, 2, 3, 1),
+        f"(B, 3, {s}, {s}) batch, got (2, 1, {s}, {s})": good[:, :1],
+        f"got (3, {s}, {s})": good[0],
+        f"got (2, 3, {s + 1}, {s + 1})": torch.rand(2, 3, s + 1, s + 1),
+        "got -1 to": good * 2 - 1,
+        "not a list": [good],
+    }
+    for expected, batch in cases.items():
+        with pytest.raises(AdtrError, match=re.escape(expected)):
+            det.score_tensors(batch)
+
+
+def test_load_refuses_a_device_it_cannot_use(tiny_run, monkeypatch):
+    import torch
+
+    with pytest.raises(AdtrError, match=re.escape("unknown device 'gpu'")):
+        Detector.load(tiny_run, device="gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(AdtrError, match="torch sees no CUDA GPU here"):
+        Detector.load(tiny_run, device="cuda")
+    assert Detector.load(tiny_run, device="cpu").device == torch.device("cpu")

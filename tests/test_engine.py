@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 import types
 from collections.abc import Callable
@@ -404,10 +405,37 @@ def test_resume_refuses_other_images(tiny_category, tmp_path):
         fit(tiny_config(epochs=3), samples[:-1], tmp_path / "r", resume=True)
 
 
-def test_unknown_selection_fails_before_training(tiny_category, tmp_path):
+def test_devices_are_named_or_refused_in_one_line(tiny_category, tmp_path, monkeypatch):
+    """A device given as a string works as torch.device does; a name torch does not know, or a
+    GPU torch cannot see, is one AdtrError before any work, and the run folder is not left behind."""
+    import adtr.engine
+
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
-    with pytest.raises(AdtrError, match="unknown selection"):
-        fit(tiny_config(select="best"), samples, tmp_path / "r")
+    assert fit(tiny_config(epochs=1), samples, tmp_path / "cpu", device="cpu").selected_epoch == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, message in (("gpu", "unknown device 'gpu' (use cpu, cuda or cuda:N)"),
+                            ("cuda", "device 'cuda': torch sees no CUDA GPU here")):
+        with pytest.raises(AdtrError, match=re.escape(message)):
+            fit(tiny_config(epochs=1), samples, tmp_path / device, device=device)
+        assert not (tmp_path / device).exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(AdtrError, match=re.escape("torch sees 2 CUDA GPUs (cuda:0 to cuda:1)")):
+        adtr.engine.resolve_device("cuda:2")
+    assert adtr.engine.resolve_device(torch.device("cuda:1")) == torch.device("cuda:1")
+
+
+def test_any_failure_before_the_first_checkpoint_removes_the_new_run_folder(tiny_category, tmp_path, monkeypatch):
+    """Not only bad input: a bug or an out-of-memory error while caching features, too."""
+    import adtr.engine
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(adtr.engine, "extract_features", fails)
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fit(tiny_config(epochs=1), samples, tmp_path / "r")
     assert not (tmp_path / "r").exists()
 
 
@@ -460,12 +488,45 @@ def test_plus_resume_redraws_the_same_pool(base_run, tiny_category, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_plus_with_real_defects_and_outliers(base_run, tiny_category, tmp_path):
+def spy_on_plus_losses(monkeypatch) -> dict[str, list[tuple]]:
+    """Record what each ADTR+ loss is called with during a fit (and still compute it)."""
+    import adtr.engine
+
+    calls: dict[str, list[tuple]] = {"pixel": [], "image": []}
+    pixel, image = adtr.engine.pixel_push_pull_loss, adtr.engine.image_push_pull_loss
+
+    def pixel_spy(phi, labels, alpha):
+        calls["pixel"].append((phi.shape, labels.detach().clone(), alpha))
+        return pixel(phi, labels, alpha)
+
+    def image_spy(phi, labels, k, alpha):
+        calls["image"].append((phi.shape, labels.detach().clone(), k, alpha))
+        return image(phi, labels, k, alpha)
+
+    monkeypatch.setattr(adtr.engine, "pixel_push_pull_loss", pixel_spy)
+    monkeypatch.setattr(adtr.engine, "image_push_pull_loss", image_spy)
+    return calls
+
+
+def test_plus_with_real_defects_and_outliers(base_run, tiny_category, tmp_path, monkeypatch):
+    """Each ADTR+ loss is the one that trains: the pixel loss sees the defects' real masks on
+    the cells they cover (some cells, not whole images), the image loss the outliers' labels and k."""
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
     defects = [s for s in index_mvtec(tiny_category.parent, tiny_category.name, "test") if s.label == 1]
-    fit(plus_cfg(base_run, source="defects"), samples, tmp_path / "px", anomalies=defects)
+    calls = spy_on_plus_losses(monkeypatch)
+    fit(plus_cfg(base_run, source="defects", alpha=0.01), samples, tmp_path / "px", anomalies=defects)
+    assert calls["pixel"] and not calls["image"]
+    labels = torch.cat([c[1] for c in calls["pixel"]])  # (samples, h, w) per cell
+    per_sample = labels.flatten(1).amax(1)
+    assert 0 < per_sample.sum() < len(per_sample)  # some samples replaced by a defect, not all
+    assert float(labels[per_sample > 0].mean()) < 1  # a defect covers some cells, not the whole image
+    assert {c[2] for c in calls["pixel"]} == {0.01} and all(c[0] == c[1].shape for c in calls["pixel"])
+    calls["pixel"].clear()
     outliers = [Sample(image=s.image, label=1, defect_type="outlier", mask=None) for s in defects]
     fit(plus_cfg(base_run, loss="image", source="outliers", topk=3), samples, tmp_path / "img", anomalies=outliers)
+    assert calls["image"] and not calls["pixel"]
+    image_labels = torch.cat([c[1] for c in calls["image"]])
+    assert 0 < image_labels.sum() < len(image_labels) and {c[2] for c in calls["image"]} == {3}
     assert Detector.load(tmp_path / "img").config.plus.topk == 3
     with pytest.raises(AdtrError, match="only image labels"):
         fit(plus_cfg(base_run, source="outliers"), samples, tmp_path / "bad", anomalies=outliers)

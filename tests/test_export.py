@@ -61,6 +61,8 @@ def test_export_writes_one_checked_graph_with_metadata(run, det):
     assert {"Softmax", "MatMul", "AveragePool"} <= set(ops)
     meta = {p.key: p.value for p in proto.metadata_props}
     assert int(meta["image_size"]) == 64 and float(meta["threshold"]) == det.threshold
+    # everything an onnxruntime-only deployment needs for the decision and the defect mask
+    assert float(meta["pixel_threshold"]) == det.pixel_threshold and meta["threshold_mode"] == "fpr"
     assert float(meta["sigma"]) == det.config.score.sigma and int(meta["pool_size"]) == det.config.score.pool_size
 
 
@@ -159,6 +161,13 @@ def test_missing_or_stale_export_gives_clean_errors(run, test_images, tmp_path, 
     ckpt_io.atomic_save(ckpt, bare / "model.pt")
     with pytest.raises(AdtrError, match="other weights"):
         Detector.load(bare, device="cpu", engine="onnx")
+    # Nor do other map or score settings: the graph has them built in.
+    for key, value in (("sigma", 2.0), ("pool_size", 16)):
+        ckpt = ckpt_io.load_checkpoint(run / "model.pt")
+        ckpt["config"]["score"][key] = value
+        ckpt_io.atomic_save(ckpt, bare / "model.pt")
+        with pytest.raises(AdtrError, match="other weights"):
+            Detector.load(bare, device="cpu", engine="onnx")
 
     # Metadata edited into something that is not a number: one line naming the file.
     proto = onnx.load(str(run / "model.onnx"))
@@ -168,6 +177,20 @@ def test_missing_or_stale_export_gives_clean_errors(run, test_images, tmp_path, 
     onnx.save(proto, str(bare / "model.onnx"))
     with pytest.raises(AdtrError, match=r"model\.onnx: metadata image_size 'abc' .* is not a number"):
         OnnxScorer(bare / "model.onnx")
+
+
+def test_a_graph_that_disagrees_with_pytorch_is_not_written(run, tmp_path, monkeypatch):
+    """The parity check is a gate: an exporter that produced wrong outputs would stop here."""
+    import adtr.export
+
+    monkeypatch.setattr(adtr.export, "parity", lambda *args, **kwargs: (1.0, 0.0))
+    with pytest.raises(AdtrError, match=r"x\.onnx: ONNX outputs differ from PyTorch .*nothing written"):
+        adtr.export.export_onnx(run, tmp_path / "x.onnx")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(adtr.export, "parity", lambda *args, **kwargs: (0.0, 2 * RTOL))
+    with pytest.raises(AdtrError, match="scores 2"):
+        adtr.export.export_onnx(run, tmp_path / "x.onnx")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_export_options_give_clean_errors(run, tmp_path, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +93,24 @@ DAMAGED_ADVICE = {
 }
 
 
+def not_a_checkpoint(path: Path) -> str:
+    """Why a file that is not a zip archive cannot be an adtr checkpoint, and what to do."""
+    size = path.stat().st_size
+    if path.name in DAMAGED_ADVICE or size == 0:
+        advice = DAMAGED_ADVICE.get(path.name)
+        return f"the file is truncated or damaged ({size} bytes)" + (f"; {advice}" if advice else "")
+    if path.suffix.lower() == ".onnx":
+        return ("an ONNX graph, not a checkpoint: give the run folder, with engine 'onnx' (--engine onnx) "
+                "to score with it")
+    return "not a checkpoint written by adtr (those are zip archives, like every torch.save file)"
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load and check a checkpoint written by :func:`atomic_save`."""
     if not path.is_file():
         raise file_error(path, "checkpoint not found")
+    if not zipfile.is_zipfile(path):  # what torch.save writes; anything else is not unpickled at all
+        raise file_error(path, f"cannot load checkpoint: {not_a_checkpoint(path)}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means an unusable file

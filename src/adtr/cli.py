@@ -727,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("adtr.progress").setLevel(logging.INFO)  # progress lines where there is no bar (a log)
     try:
         return args.func(args)
     except AdtrError as exc:

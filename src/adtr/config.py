@@ -28,6 +28,16 @@ SCHEDULES = ("warmup-cosine", "step", "warmup-stable-decay")
 CROSS_INITS = ("independent", "aligned", "aligned-last")
 #: Optimisers (``TrainConfig.optimizer``; see ``adtr.optim.make_optimizer``).
 OPTIMIZERS = ("adamw", "muon")
+#: Where the reconstruction error is measured (``ModelConfig.error_space``).
+ERROR_SPACES = ("features", "standardized")
+#: What the transformer reconstructs (``ModelConfig.target``; pixels is a Table-4 ablation).
+TARGETS = ("features", "pixels")
+#: Training precisions (``TrainConfig.precision``; auto = bf16 where it is fast).
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
+#: Which epoch a fit keeps (``TrainConfig.select``).
+SELECTIONS = ("best-val", "last")
+#: Where the cached training features live (``TrainConfig.feature_cache``).
+FEATURE_CACHES = ("auto", "memory", "disk")
 #: Rules that turn held-out good scores into the image threshold (``ScoreConfig.threshold_rule``;
 #: see ``adtr.postprocess.quantile_threshold``).
 THRESHOLD_RULES = ("quantile", "conformal")
@@ -39,6 +49,11 @@ def refuse_failed_checks(section: str, config: Any, checks: tuple[tuple[str, boo
         if not ok:
             where = f"{section}.{name} ({flag})" if flag else f"{section}.{name}"
             raise AdtrError(f"{where} must be {requirement}, got {getattr(config, name)}")
+
+
+def one_of(name: str, value: Any, allowed: tuple[str, ...], flag: str) -> tuple[str, bool, str, str]:
+    """A check for :func:`refuse_failed_checks`: ``value`` must be one of ``allowed``."""
+    return name, value in allowed, f"one of {', '.join(allowed)}", flag
 
 
 @dataclass(frozen=True)
@@ -81,6 +96,13 @@ class ModelConfig:
             ("ffn_dim", self.ffn_dim >= 1, "at least 1", ""),
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)", "--dropout"),
             ("cells_per_token", self.cells_per_token >= 1, "at least 1", "--cells-per-token"),
+            one_of("error_space", self.error_space, ERROR_SPACES, "--error-space"),
+            one_of("reconstructor", self.reconstructor, RECONSTRUCTORS, "--reconstructor"),
+            one_of("target", self.target, TARGETS, "--target"),
+            one_of("pos_init", self.pos_init, POS_INITS, "--pos-init"),
+            one_of("cross_init", self.cross_init, CROSS_INITS, "--cross-init"),
+            ("neighbour_mask", self.neighbour_mask >= 0, "0 (off) or an odd size", "--neighbour-mask"),
+            ("jitter", self.jitter >= 0, "0 (off) or more", "--jitter"),
         )
         refuse_failed_checks("model", self, checks)
 
@@ -116,9 +138,9 @@ class TrainConfig:
             ("epochs", self.epochs >= 1, "at least 1", "--epochs"),
             ("batch_size", self.batch_size >= 1, "at least 1", "--batch-size"),
             ("lr", self.lr > 0, "positive", "--lr"),
-            ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}", "--schedule"),
+            one_of("schedule", self.schedule, SCHEDULES, "--schedule"),
             ("weight_decay", self.weight_decay >= 0, "0 or more", "--weight-decay"),
-            ("optimizer", self.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}", "--optimizer"),
+            one_of("optimizer", self.optimizer, OPTIMIZERS, "--optimizer"),
             ("muon_rms", self.muon_rms > 0, "positive", "--muon-rms"),
             ("step_at", 0 < self.step_at <= 1, "in (0, 1]", "--step-at"),
             ("warmup_fraction", 0 <= self.warmup_fraction < 1, "in [0, 1)", "--warmup-fraction"),
@@ -127,6 +149,9 @@ class TrainConfig:
             ("patience", self.patience >= 0, "0 (off) or more", "--patience"),
             ("max_minutes", self.max_minutes >= 0, "0 (none) or more", "--max-minutes"),
             ("checkpoint_seconds", self.checkpoint_seconds >= 0, "0 or more", "--checkpoint-every"),
+            one_of("precision", self.precision, TRAIN_PRECISIONS, "--precision"),
+            one_of("select", self.select, SELECTIONS, "--select"),
+            one_of("feature_cache", self.feature_cache, FEATURE_CACHES, "--feature-cache"),
         )
         refuse_failed_checks("train", self, checks)
 
@@ -151,8 +176,7 @@ class ScoreConfig:
             ("sigma", self.sigma >= 0, "0 (off) or more", "--sigma"),
             ("pool_size", self.pool_size >= 1, "at least 1", "--pool-size"),
             ("target_fpr", 0 <= self.target_fpr < 1, "in [0, 1)", "--target-fpr"),
-            ("threshold_rule", self.threshold_rule in THRESHOLD_RULES, f"one of {', '.join(THRESHOLD_RULES)}",
-             "--threshold-rule"),
+            one_of("threshold_rule", self.threshold_rule, THRESHOLD_RULES, "--threshold-rule"),
         )
         refuse_failed_checks("score", self, checks)
 

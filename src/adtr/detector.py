@@ -22,7 +22,7 @@ from adtr import checkpoint as ckpt_io
 from adtr.calibrate import active_expected_fpr
 from adtr.config import ENGINES, INFERENCE_PRECISIONS, RunConfig
 from adtr.data.images import image_to_tensor, read_image, to_rgb
-from adtr.engine import default_device, resolve_precision, restore_networks
+from adtr.engine import resolve_device, resolve_precision, restore_networks
 from adtr.errors import AdtrError
 from adtr.export import ScoringModel
 from adtr.models.adtr import ADTRDetector
@@ -132,7 +132,7 @@ class Detector:
         path = ckpt_io.find_run_file(Path(run))
         ckpt = ckpt_io.load_checkpoint(path)
         config, backbone, model = restore_networks(ckpt, path)
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
         det = cls(config, ADTRDetector(backbone, model).to(device), ckpt["calibration"], device, precision)
         det.engine = engine
         if engine == "onnx":
@@ -181,9 +181,31 @@ class Detector:
             raise AdtrError(f"cannot predict on a {type(image).__name__}: give a path, PIL image or numpy array")
         return pil
 
+    def check_batch(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """``images`` as a float tensor, refused unless it is (B, 3, S, S) RGB in [0, 1] at the
+        model's size: a 0-255 or channels-last batch would score without complaint, and wrongly."""
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(images)
+        if not isinstance(images, torch.Tensor):
+            raise AdtrError(f"score_tensors takes a (B, 3, S, S) tensor, not a {type(images).__name__}; "
+                            "predict() takes paths, PIL images and arrays")
+        s = self.image_size
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (s, s):
+            channels_last = images.ndim == 4 and images.shape[3] == 3
+            hint = " (channels last? use images.permute(0, 3, 1, 2))" if channels_last else ""
+            raise AdtrError(f"score_tensors takes a (B, 3, {s}, {s}) batch, got {tuple(images.shape)}{hint}")
+        if not images.is_floating_point():
+            raise AdtrError(f"score_tensors takes float values in [0, 1], got {images.dtype} (divide by 255)")
+        if images.numel() and (images.min() < 0 or images.max() > 1):
+            lo, hi = float(images.min()), float(images.max())
+            hint = ": divide by 255" if hi > 1 and lo >= 0 else ""
+            raise AdtrError(f"score_tensors takes values in [0, 1], got {lo:.3g} to {hi:.3g}{hint}")
+        return images
+
     @torch.no_grad()
-    def score_tensors(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, S, S) in [0, 1] -> maps (B, S, S) and scores (B,)."""
+    def score_tensors(self, images: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, S, S) RGB in [0, 1] at the model's size S -> maps (B, S, S) and scores (B,)."""
+        images = self.check_batch(images)
         if self.scorer is not None:
             return self.scorer.score_tensors(images)
         if self.precision == "int8":

@@ -45,6 +45,25 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device (None: :func:`default_device`), refused in one line when it
+    is not a device name or torch cannot use it here, rather than deep inside the first kernel."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise AdtrError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from exc
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise AdtrError(f"device {device!r}: torch sees no CUDA GPU here (use cpu, or leave the device out)")
+        if resolved.index is not None and resolved.index >= count:
+            raise AdtrError(f"device {device!r}: torch sees {count} CUDA GPU{'s' if count > 1 else ''} (cuda:0 to "
+                            f"cuda:{count - 1})")
+    return resolved
+
+
 def build_backbone(cfg: ModelConfig, weights: str | None = None) -> FrozenBackbone | PixelPatches:
     """The frozen feature extractor, or raw pixel patches for the ``target='pixels'`` ablation."""
     if cfg.target == "pixels":
@@ -237,13 +256,17 @@ def image_list(samples: ImageSource) -> list[str]:
 
 @dataclass
 class FitResult:
+    """What a fit wrote to ``run_dir/model.pt``; ``Detector.load(result.run_dir)`` scores with it."""
+
     run_dir: Path
     epochs: int  # trained (fewer than planned when stopped early by patience or the budget)
-    seconds: float
+    seconds: float  # feature caching and training
+    # one entry per epoch: epoch, train_loss, lr, seconds (cumulative training time), epochs_planned,
+    # and val_loss (the mean reconstruction loss of the held-out good images) when some are held out
     history: list[dict[str, float]]
-    threshold: float
-    selected_epoch: int
-    calibration: dict[str, Any] = field(default_factory=dict)  # as saved in model.pt
+    threshold: float  # the image threshold (inf when no image was held out: every image is good)
+    selected_epoch: int  # the epoch whose weights were kept (--select)
+    calibration: dict[str, Any] = field(default_factory=dict, repr=False)  # as saved in model.pt
 
 
 def estimate_epochs(model: ADTR, feats: torch.Tensor, cfg: TrainConfig, device: torch.device,
@@ -443,18 +466,19 @@ def set_rng_state(ckpt: dict[str, Any], device: torch.device) -> None:
 
 
 def fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = False,
-        device: torch.device | None = None, on_epoch: Callable[[dict[str, float]], None] | None = None,
+        device: str | torch.device | None = None, on_epoch: Callable[[dict[str, float]], None] | None = None,
         anomalies: ImageSource | None = None) -> FitResult:
     """Train ADTR on good images and write a calibrated ``run_dir/model.pt`` (see :func:`_fit`).
 
     A bad input found before anything resumable was saved (an image that does not decode,
-    say) removes the run folder again if this call created it: no half-made run is left.
+    say), or any other failure then, removes the run folder again if this call created it:
+    no half-made run is left. ``device``: ``cpu``, ``cuda``, ``cuda:N``; None picks CUDA when present.
     """
     run_dir = Path(run_dir)
     created = not run_dir.exists()
     try:
         return _fit(config, samples, run_dir, resume, device, on_epoch, anomalies)
-    except AdtrError:
+    except Exception:  # not KeyboardInterrupt: the printed --resume command must find the folder
         saved = holds_training(run_dir)
         if created and not saved:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -472,7 +496,7 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
     anomalies are confetti drawn from the training images, or ``anomalies`` (defective
     samples with masks, or outlier images).
     """
-    device = device or default_device()
+    device = resolve_device(device)
     run_dir = Path(run_dir)
     last_path = run_dir / ckpt_io.LAST_FILE
     state: dict[str, Any] | None = None
@@ -500,8 +524,6 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
                             f"--seed {held_out[0]} --val-fraction {held_out[1]}, this one --seed "
                             f"{config.train.seed} --val-fraction {config.train.val_fraction}")
     tc, mc = config.train, config.model
-    if tc.select not in ("best-val", "last"):  # checked now, not after a whole training run
-        raise AdtrError(f"unknown selection {tc.select!r} (use best-val or last)")
     torch.manual_seed(tc.seed)
     t0 = time.perf_counter()
 

@@ -17,14 +17,22 @@ from adtr.progress import batches
 
 @dataclass
 class EvalResult:
-    """Scores, maps and metrics; pixel metrics are ``None`` (absent), never 0, without masks."""
+    """Scores, maps and metrics of labelled test images, in the order of the samples given.
+
+    ``metrics`` (and each ``per_type[defect type]``, that type against all good images):
+    ``n_images``, ``n_anomalous``, ``image_auroc``, ``image_f1_max``, ``fpr_at_threshold``,
+    ``fnr_at_threshold`` (at the detector's active threshold), ``pixel_auroc`` and ``aupro``
+    (FPR up to 0.3), plain floats; a metric that the data cannot give (pixel metrics without
+    masks, AUROC without both classes) is ``None``, never 0.
+    """
 
     metrics: dict[str, float | None]
     per_type: dict[str, dict[str, float | None]]
-    scores: np.ndarray
-    labels: np.ndarray
+    scores: np.ndarray  # (N,) float32 image scores
+    labels: np.ndarray  # (N,) 0 good, 1 defective
+    # (N, S, S) float32 anomaly maps at the model's input size S (Prediction.anomaly_map is at the image's own size)
     maps: np.ndarray = field(repr=False)
-    masks: np.ndarray | None = field(repr=False)
+    masks: np.ndarray | None = field(repr=False)  # (N, S, S) bool ground truth, None without masks
 
 
 def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray,
@@ -32,15 +40,15 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | 
     """Image AUROC, F1-max, pixel AUROC, AUPRO (FPR <= 0.3), and the rates at ``threshold``."""
     out: dict[str, float | None] = {"n_images": int(len(labels)), "n_anomalous": int(labels.sum())}
     both = 0 < labels.sum() < len(labels)
-    out["image_auroc"] = image_auroc(labels, scores) if both else None
-    out["image_f1_max"] = f1_max(labels, scores)[0] if labels.sum() > 0 else None
+    out["image_auroc"] = float(image_auroc(labels, scores)) if both else None
+    out["image_f1_max"] = float(f1_max(labels, scores)[0]) if labels.sum() > 0 else None
     pred = scores > threshold
     good, bad = labels == 0, labels == 1
     out["fpr_at_threshold"] = float(pred[good].mean()) if good.any() else None
     out["fnr_at_threshold"] = float((~pred[bad]).mean()) if bad.any() else None
     if masks is not None and masks.any() and (~masks).any():
-        out["pixel_auroc"] = pixel_auroc(masks, maps)
-        out["aupro"] = aupro(masks, maps)
+        out["pixel_auroc"] = float(pixel_auroc(masks, maps))
+        out["aupro"] = float(aupro(masks, maps))
     else:
         out["pixel_auroc"] = out["aupro"] = None
     return out

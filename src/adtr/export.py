@@ -110,6 +110,9 @@ def load_scoring_model(run: str | Path) -> tuple[ScoringModel, dict[str, str]]:
     metadata = {
         "image_size": str(size),
         "threshold": repr(float(ckpt["calibration"]["threshold"])),
+        # a pixel is marked defective where anomaly_map > pixel_threshold ("inf": a run from before pixel calibration)
+        "pixel_threshold": repr(float(ckpt["calibration"].get("pixel_threshold", float("inf")))),
+        "threshold_mode": str(ckpt["calibration"].get("mode", "fpr")),
         "input": f"{INPUT_NAME}: (B, 3, {size}, {size}) float32 RGB in [0, 1]",
         "outputs": f"{OUTPUT_NAMES[0]}: (B, 1, {size}, {size}) float32; {OUTPUT_NAMES[1]}: (B,) float32; "
                    "anomalous = score > threshold",

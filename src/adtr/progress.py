@@ -1,12 +1,14 @@
-"""Progress: a redrawn bar on a terminal, plain lines in a log.
+"""Progress: a redrawn bar on a terminal or in a notebook, plain log lines elsewhere.
 
 tqdm redraws its line with carriage returns, which a file, ``nohup.out`` or a container's log
-keeps as one ever-growing line. Where stderr is not a terminal, batch loops therefore print
-a plain line at most every ``LOG_EVERY_S`` seconds, and a fit one line per epoch.
+keeps as one ever-growing line. Elsewhere, batch loops therefore log a plain line at most
+every ``LOG_EVERY_S`` seconds, and a fit one line per epoch, at INFO on the ``adtr.progress``
+logger: the CLI shows them; a program that uses the API sees them once it configures logging.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -18,8 +20,13 @@ T = TypeVar("T")
 LOG_EVERY_S = 30.0
 
 
+log = logging.getLogger(__name__)
+
+
 def on_terminal() -> bool:
-    """True when stderr is an open terminal."""
+    """True when stderr redraws a line: an open terminal, or a Jupyter notebook's output."""
+    if "ipykernel" in sys.modules:
+        return True
     try:
         return bool(sys.stderr is not None and sys.stderr.isatty())
     except (AttributeError, ValueError):  # no isatty, or a closed stream
@@ -27,7 +34,7 @@ def on_terminal() -> bool:
 
 
 def log_line(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    log.info(text)
 
 
 def batches(items: Iterable[T], desc: str, total: int | None = None, leave: bool = False) -> Iterator[T]:
