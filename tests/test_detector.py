@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +89,79 @@ def test_load_refuses_a_device_it_cannot_use(tiny_run, monkeypatch):
     with pytest.raises(AdtrError, match="torch sees no CUDA GPU here"):
         Detector.load(tiny_run, device="cuda")
     assert Detector.load(tiny_run, device="cpu").device == torch.device("cpu")
+def test_predict_takes_folders_globs_batches_tensors_and_iterables(tiny_run, tiny_category):
+    """One image gives one Prediction; a folder, a glob, a 4-D batch or any iterable gives a
+    list, in input order, scored as the files themselves are."""
+    import torch
+    from PIL import Image
+
+    from adtr.detector import Prediction
+
+    det = Detector.load(tiny_run, device="cpu")
+    good = tiny_category / "test" / "good"
+    paths = sorted(good.glob("*.png"))
+    ref = [p.score for p in det.predict(paths)]
+    arrays = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])  # (N, H, W, 3), RGB
+    tensors = torch.from_numpy(arrays).permute(0, 3, 1, 2)  # (N, C, H, W), torchvision's layout
+    for many in (good, str(good), str(good / "*.png"), [good], arrays, tensors, arrays / 255.0,
+                 (a for a in arrays), iter(list(tensors))):
+        got = det.predict(many, batch_size=3)
+        assert isinstance(got, list) and all(isinstance(p, Prediction) for p in got), type(many)
+        np.testing.assert_allclose([p.score for p in got], ref, rtol=1e-5)
+    assert [p.source for p in det.predict(good)] == [str(p) for p in paths]
+    assert [p.source for p in det.predict(arrays[:2])] == ["ndarray[0]", "ndarray[1]"]
+    for one in (paths[0], str(paths[0]), Image.open(paths[0]), arrays[0], tensors[0]):
+        got = det.predict(one)
+        assert isinstance(got, Prediction) and got.score == pytest.approx(ref[0], rel=1e-5)
+        assert got.anomaly_map.shape == got.defect_mask.shape == arrays.shape[1:3]
+    assert det.predict(arrays[:3], batch_size=np.int64(2))[2].score == pytest.approx(ref[2], rel=1e-5)
+    assert det.predict([]) == []
+
+
+def test_predict_refuses_a_batch_size_that_is_not_a_whole_number(tiny_run, tiny_category):
+    det = Detector.load(tiny_run, device="cpu")
+    image = sorted((tiny_category / "test" / "good").glob("*.png"))[0]
+    for bad in (2.5, 0, True, "2"):
+        with pytest.raises(AdtrError, match=f"batch_size must be a whole number of at least 1, got {bad!r}"):
+            det.predict([image], batch_size=bad)
+    with pytest.raises(AdtrError, match="on_error must be 'raise' or 'skip'"):
+        det.predict(image, on_error="ignore")
+
+
+def test_channels_first_arrays_are_refused_with_the_fix(tiny_run):
+    det = Detector.load(tiny_run, device="cpu")
+    chw = np.zeros((3, 40, 48), np.uint8)
+    with pytest.raises(AdtrError, match=r"looks channels-first: use a\.transpose\(1, 2, 0\)"):
+        det.predict(chw)
+    with pytest.raises(AdtrError, match=r"^ndarray\[1\]: array of shape \(3, 40, 48\).*channels-first"):
+        det.predict([chw.transpose(1, 2, 0), chw])  # in a collection the message says which one
+    with pytest.raises(AdtrError, match=r"shape \(2, 3, 40, 48\) is not a batch.*transpose\(0, 2, 3, 1\)"):
+        det.predict(np.stack([chw, chw]))
+
+
+def test_predict_can_skip_unreadable_inputs(tiny_run, tiny_category, tmp_path):
+    """on_error="skip" mirrors `adtr predict --skip-unreadable`: an Unreadable with score None
+    where the input was, the others scored; by default the first one raises, naming it."""
+    import shutil
+
+    from adtr.detector import Prediction, Unreadable
+
+    det = Detector.load(tiny_run, device="cpu")
+    folder = tmp_path / "in"
+    shutil.copytree(tiny_category / "test" / "good", folder)
+    (folder / "001b_text.png").write_text("not an image")
+    with pytest.raises(AdtrError, match="001b_text.png: cannot read image"):
+        det.predict(folder)
+    got = det.predict(folder, on_error="skip", batch_size=2)
+    names = sorted(p.name for p in folder.iterdir())
+    assert [Path(r.source).name for r in got] == names
+    skipped = [r for r in got if isinstance(r, Unreadable)]
+    assert [Path(r.source).name for r in skipped] == ["001b_text.png"] and skipped[0].score is None
+    assert "001b_text.png: cannot read image" in skipped[0].error
+    assert sum(isinstance(r, Prediction) for r in got) == len(names) - 1
+    mixed = det.predict([np.zeros((40, 48, 3), np.uint8), np.full((40, 48), np.nan)], on_error="skip")
+    assert isinstance(mixed[0], Prediction) and mixed[1] == Unreadable("ndarray[1]",
+                                                                       "ndarray[1]: image array contains NaN or inf")
+    assert isinstance(det.predict(folder / "001b_text.png", on_error="skip"), Unreadable)
+    with pytest.raises(AdtrError, match="no such file, folder or matching pattern"):
+        det.predict(str(folder / "*.jpg"), on_error="skip")  # naming nothing is not an unreadable image

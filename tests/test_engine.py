@@ -551,6 +551,43 @@ def test_fit_on_an_image_array(tmp_path):
         fit(cfg, images, tmp_path / "arr2", resume=True)
 
 
+def stop_after_first_epoch(record):
+    if record["epoch"] == 1:
+        raise KeyboardInterrupt
+
+
+def test_fit_takes_a_folder_and_resumes_from_a_list_of_its_paths(tiny_category, tmp_path):
+    """A folder goes through `adtr fit`'s resolution (a str used to fail with AttributeError), and a
+    resume compares the images themselves: the same files given as a list of paths go on."""
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_config(epochs=2), str(tiny_category), tmp_path / "run", on_epoch=stop_after_first_epoch)
+    paths = [str(p) for p in sorted((tiny_category / "train" / "good").glob("*.png"))]
+    result = fit(tiny_config(epochs=2), paths, tmp_path / "run", resume=True)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+
+
+def test_fit_takes_grey_and_float_arrays_and_lists_of_them(tmp_path):
+    """A grey uint8 (N, H, W) batch (refused before) trains, read as predict reads it; the same
+    images as a list of float arrays in [0, 1] are the same training images to a resume."""
+    grey = (np.random.default_rng(0).random((10, 32, 32)) * 255).astype(np.uint8)
+    cfg = with_overrides(tiny_config(epochs=2), "model", image_size=32, grid_stride=8)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, grey, tmp_path / "run", on_epoch=stop_after_first_epoch)
+    result = fit(cfg, list(grey / 255.0), tmp_path / "run", resume=True)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+
+
+def test_fit_refuses_defective_samples_and_misshapen_arrays_before_any_work(tiny_category, tmp_path):
+    test = index_mvtec(tiny_category.parent, tiny_category.name, "test")
+    with pytest.raises(AdtrError, match=r"fit needs good images only \(label 0\): 8 of the 12 training samples are "
+                                        r"labelled defective \(crack, hole, scratch, spot\)"):
+        fit(tiny_config(), test, tmp_path / "bad")
+    chw = np.zeros((8, 3, 32, 32), np.uint8)
+    with pytest.raises(AdtrError, match=r"array of shape \(8, 3, 32, 32\) is not a batch of images.*channels-first"):
+        fit(tiny_config(), chw, tmp_path / "bad")  # all 8 images: the held-out split comes later
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("reconstructor", ["no-attention", "no-query", "cnn"])
 def test_ablation_runs_load_from_their_folder(tiny_category, tmp_path, reconstructor):
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")

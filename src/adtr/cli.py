@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import glob
 import io
 import json
 import logging
@@ -31,16 +30,6 @@ from adtr.config import (CROSS_INITS, ENGINES, INFERENCE_PRECISIONS, OPTIMIZERS,
 from adtr.errors import AdtrError
 
 log = logging.getLogger("adtr")
-
-
-def resolve_training_samples(data: Path):
-    """A MVTec category folder (``train/good`` inside) or a plain folder of good images."""
-    from adtr.data import index_folder, index_mvtec
-
-    data = Path(data)
-    if (data / "train" / "good").is_dir():
-        return index_mvtec(data.parent, data.name, "train")
-    return index_folder(data)
 
 
 def resolve_test_samples(data: Path, masks: Path | None):
@@ -187,7 +176,7 @@ def options_a_resume_ignores(args: argparse.Namespace, saved: RunConfig) -> list
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from adtr import checkpoint as ckpt_io
-    from adtr.data import validate_readable
+    from adtr.data import resolve_training_samples, validate_readable
     from adtr.engine import fit
 
     if args.data is None:
@@ -376,29 +365,10 @@ def staged_outputs(out: Path, replaces: tuple[str, ...] = ()) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, folders (their images) and glob patterns -> image paths, in order."""
-    from adtr.data import list_images
-
-    paths: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            paths += list_images(p)
-        elif p.exists() or p.is_symlink():
-            paths.append(p)  # read_image names what is wrong with a pipe, a dangling link or a loop
-        else:
-            files = [Path(m) for m in sorted(glob.glob(item)) if Path(m).is_file()]
-            if not files:
-                raise AdtrError(f"{item}: no such file, folder or matching pattern")
-            paths += files
-    return paths
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
-    from adtr.data import verify_image
+    from adtr.data import expand_inputs, verify_image
     from adtr.detector import Detector
     from adtr.postprocess import normalize_scores
     from adtr.progress import batches

@@ -8,10 +8,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import numbers
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 import torch
@@ -21,7 +23,8 @@ from PIL import Image
 from adtr import checkpoint as ckpt_io
 from adtr.calibrate import active_expected_fpr
 from adtr.config import ENGINES, INFERENCE_PRECISIONS, RunConfig
-from adtr.data.images import image_to_tensor, read_image, to_rgb
+from adtr.data.images import image_to_tensor
+from adtr.data.inputs import ImageLike, is_one_image, iter_images, to_pil
 from adtr.engine import resolve_device, resolve_precision, restore_networks
 from adtr.errors import AdtrError
 from adtr.export import ScoringModel
@@ -32,12 +35,16 @@ if TYPE_CHECKING:
     from adtr.compiled import CompiledScorer
     from adtr.export import OnnxScorer
 
-ImageInput = str | Path | Image.Image | np.ndarray
+#: One image: a file path, a PIL image, an RGB (H, W) or (H, W, C) numpy array, a (C, H, W) tensor.
+ImageInput = ImageLike
+#: ``predict``'s ``on_error``: stop at the first unreadable input, or return an :class:`Unreadable` in its place.
+ON_ERROR = ("raise", "skip")
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's result, at the input image's own resolution (H, W).
+    """One image's result, at the input image's own resolution (H, W). Arrays are read as RGB,
+    HxWxC (a BGR array scores differently; see :meth:`Detector.predict`).
 
     score: raw image score (pooled maximum of the map, Eq. 3's units).
     normalized_score: ``score`` mapped to [0, 1] with the threshold at 0.5
@@ -46,6 +53,8 @@ class Prediction:
     anomaly_map: (H, W) float32 per-pixel error s(u) (Eq. 2), resized to the input.
     defect_mask: (H, W) bool, ``anomaly_map > pixel_threshold`` (empty when the image
         is judged normal, so a mask never contradicts the decision).
+    source: the file path, or for an in-memory image its type (``ndarray``), with its
+        position in a collection (``ndarray[3]``).
     """
 
     score: float
@@ -57,31 +66,18 @@ class Prediction:
     source: str
 
 
-def array_to_pil(array: np.ndarray) -> Image.Image:
-    """(H, W), (H, W, 1|3|4) array -> RGB PIL image, read as a file of its depth would be.
+@dataclass(frozen=True)
+class Unreadable:
+    """An input that ``predict(..., on_error="skip")`` could not read, in its place among the
+    results: ``adtr predict --skip-unreadable``'s ``unreadable`` row, whose score is null."""
 
-    uint8 as it is; uint16 scaled by 1/257, as 16-bit PNG and TIFF files are; other numbers
-    must lie in [0, 1] (scaled by 255) or [0, 255]. Anything else is refused rather than
-    clipped, which would turn a camera's 16-bit frame white and score it wrongly.
-    """
-    a = np.asarray(array)
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)) or 0 in a.shape:
-        raise AdtrError(f"array of shape {a.shape} is not an image (expected HxW, HxWx3 or HxWx4, none of them 0)")
-    if a.dtype == np.uint16:
-        a = np.rint(a / 257.0).astype(np.uint8)
-    elif a.dtype != np.uint8:
-        if a.dtype.kind not in "biuf":
-            raise AdtrError(f"image array of dtype {a.dtype} holds no pixel values")
-        if not np.isfinite(a).all():
-            raise AdtrError("image array contains NaN or inf")
-        low, high = float(a.min()), float(a.max())
-        if low < 0 or high > 255:
-            raise AdtrError(f"image array of dtype {a.dtype} has values in [{low:g}, {high:g}]: give uint8, uint16, "
-                            "or numbers in [0, 1] or [0, 255]")
-        a = np.rint(a * 255.0 if high <= 1.0 else a).astype(np.uint8)
-    return to_rgb(Image.fromarray(a))
+    source: str  # as Prediction.source
+    error: str  # the one-line message that on_error="raise" would have raised
+
+    @property
+    def score(self) -> None:
+        """None, so that ``[r.score for r in results]`` works on a list holding both kinds."""
+        return None
 
 
 class Detector:
@@ -170,16 +166,8 @@ class Detector:
         return image_to_tensor(self.to_pil(image), self.image_size)
 
     def to_pil(self, image: ImageInput) -> Image.Image:
-        """Any supported input -> RGB PIL image at its own size."""
-        if isinstance(image, (str, Path)):
-            pil = read_image(image)
-        elif isinstance(image, Image.Image):
-            pil = to_rgb(image)
-        elif isinstance(image, np.ndarray):
-            pil = array_to_pil(image)
-        else:
-            raise AdtrError(f"cannot predict on a {type(image).__name__}: give a path, PIL image or numpy array")
-        return pil
+        """Any supported input -> RGB PIL image at its own size (:func:`adtr.data.inputs.to_pil`)."""
+        return to_pil(image)
 
     def check_batch(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
         """``images`` as a float tensor, refused unless it is (B, 3, S, S) RGB in [0, 1] at the
@@ -213,22 +201,65 @@ class Detector:
         pmap, score = self.scoring(images.to(self.device), self.precision)
         return pmap[:, 0].cpu(), score.cpu()
 
-    def predict(self, images: ImageInput | Sequence[ImageInput], threshold: float | None = None,
-                batch_size: int = 16) -> Prediction | list[Prediction]:
-        """Score one image (returns a :class:`Prediction`) or a sequence (returns a list)."""
-        if batch_size < 1:
-            raise AdtrError(f"batch_size must be at least 1, got {batch_size}")
-        single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
+    @overload
+    def predict(self, images: Image.Image, threshold: float | None = None, batch_size: int = 16, *,
+                on_error: Literal["raise"] = "raise") -> Prediction: ...
+
+    @overload
+    def predict(self, images: str | Path | np.ndarray | torch.Tensor, threshold: float | None = None,
+                batch_size: int = 16, *, on_error: Literal["raise"] = "raise") -> Prediction | list[Prediction]: ...
+
+    @overload
+    def predict(self, images: Iterable[ImageInput], threshold: float | None = None, batch_size: int = 16, *,
+                on_error: Literal["raise"] = "raise") -> list[Prediction]: ...
+
+    @overload
+    def predict(self, images: ImageInput | Iterable[ImageInput], threshold: float | None = None,
+                batch_size: int = 16, *,
+                on_error: Literal["skip"]) -> Prediction | Unreadable | list[Prediction | Unreadable]: ...
+
+    def predict(self, images: ImageInput | Iterable[ImageInput], threshold: float | None = None,
+                batch_size: int = 16, *, on_error: str = "raise") -> Any:
+        """Score one image (returns a :class:`Prediction`) or many (returns a list, in input order).
+
+        One image: a file path, a PIL image, a numpy array in RGB, HxWxC (C 1, 3 or 4: grey, RGB,
+        RGBA) or HxW (grey), or a torch tensor (C, H, W). A BGR array (OpenCV's) scores
+        differently: convert it, ``a[..., ::-1]``. A channels-first array is refused with the
+        transpose that fixes it. Arrays: uint8; uint16 (as 16-bit files); other numbers in
+        [0, 1] or [0, 255]. Many, returning a list: a folder (its images), a glob
+        pattern, an (N, H, W, C) array or (N, C, H, W) tensor (one value range for the batch),
+        or a list or any iterable of any of these (a generator is read batch by batch).
+        ``batch_size``: images per forward pass. ``on_error="skip"``: an input that cannot be
+        read (a file that does not decode, an array that is no image) becomes an
+        :class:`Unreadable` in its place, as ``adtr predict --skip-unreadable`` lists it; a
+        folder or glob that names nothing still raises.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise AdtrError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+        if on_error not in ON_ERROR:
+            raise AdtrError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        single = is_one_image(images)
         thr = self.threshold if threshold is None else float(threshold)
-        results = []
-        for i in range(0, len(items), batch_size):
-            chunk = items[i:i + batch_size]
-            pils = [self.to_pil(x) for x in chunk]
-            maps, scores = self.score_tensors(torch.stack([image_to_tensor(p, self.image_size) for p in pils]))
-            for item, pil, amap, score in zip(chunk, pils, maps, scores):
-                source = str(item) if isinstance(item, (str, Path)) else type(item).__name__
-                results.append(self.make_prediction(float(score), amap, (pil.height, pil.width), thr, source))
+        results: list[Prediction | Unreadable] = []
+        for chunk in chunks(iter_images(images), int(batch_size)):
+            slots: list[Prediction | Unreadable | None] = [None] * len(chunk)
+            decoded = []  # (slot, source, RGB image)
+            for j, (source, item) in enumerate(chunk):
+                try:
+                    decoded.append((j, source, to_pil(item)))
+                except AdtrError as exc:
+                    named = single or isinstance(item, (str, Path))  # a file's errors name it already
+                    if on_error == "raise":
+                        if named:
+                            raise
+                        raise AdtrError(f"{source}: {exc}") from exc
+                    slots[j] = Unreadable(source, str(exc) if named else f"{source}: {exc}")
+            if decoded:
+                maps, scores = self.score_tensors(torch.stack([image_to_tensor(p, self.image_size)
+                                                               for _, _, p in decoded]))
+                for (j, source, pil), amap, score in zip(decoded, maps, scores):
+                    slots[j] = self.make_prediction(float(score), amap, (pil.height, pil.width), thr, source)
+            results.extend(slots)
         return results[0] if single else results
 
     def make_prediction(self, score: float, amap: torch.Tensor, size: tuple[int, int], threshold: float,
@@ -240,3 +271,9 @@ class Detector:
         anomalous = score > threshold
         mask = amap_np > self.pixel_threshold if anomalous else np.zeros(size, dtype=bool)
         return Prediction(score, normalize_scores(score, threshold), threshold, anomalous, amap_np, mask, source)
+
+
+def chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of ``size`` items (the last shorter), reading ``items`` lazily."""
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk

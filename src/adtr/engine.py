@@ -16,7 +16,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from adtr import checkpoint as ckpt_io
 from adtr.anomalies import AnomalyPool, confetti_pool, decode_images, labelled_pool, mix_anomalies
 from adtr.config import SCHEDULES, ModelConfig, PlusConfig, RunConfig, ScoreConfig, TrainConfig, from_dict, to_dict
 from adtr.data.dataset import ImageSource
+from adtr.data.inputs import training_images
 from adtr.errors import AdtrError, compile_failure, first_line
 from adtr.features import extract_features
 from adtr.losses import image_push_pull_loss, pixel_push_pull_loss, pseudo_huber_map
@@ -38,6 +39,9 @@ from adtr.postprocess import image_score, pixel_anomaly_map, pixel_quantile_thre
 from adtr.progress import EpochProgress
 
 log = logging.getLogger(__name__)
+
+#: Anything :func:`fit` trains on (see :func:`adtr.data.inputs.training_images`).
+TrainingInput = str | Path | ImageSource | Iterable[Any]
 
 
 def default_device() -> torch.device:
@@ -248,10 +252,15 @@ def score_features(model: ADTR, feats: torch.Tensor, image_size: int, score: Sco
 
 
 def image_list(samples: ImageSource) -> list[str]:
-    """Absolute image paths (a digest for an image array), stored so a resume uses the same data."""
+    """Absolute image paths (a digest for an image array, one per array of a list), stored so a
+    resume uses the same data."""
     if isinstance(samples, np.ndarray):
-        return [f"array:{samples.shape}:{hashlib.sha1(np.ascontiguousarray(samples).data).hexdigest()}"]
-    return [str(Path(s.image).resolve()) for s in samples]
+        return [array_digest(samples)]
+    return [array_digest(s) if isinstance(s, np.ndarray) else str(Path(s.image).resolve()) for s in samples]
+
+
+def array_digest(images: np.ndarray) -> str:
+    return f"array:{images.shape}:{hashlib.sha1(np.ascontiguousarray(images).data).hexdigest()}"
 
 
 @dataclass
@@ -465,15 +474,21 @@ def set_rng_state(ckpt: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
 
 
-def fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = False,
+def fit(config: RunConfig, samples: TrainingInput, run_dir: str | Path, resume: bool = False,
         device: str | torch.device | None = None, on_epoch: Callable[[dict[str, float]], None] | None = None,
         anomalies: ImageSource | None = None) -> FitResult:
     """Train ADTR on good images and write a calibrated ``run_dir/model.pt`` (see :func:`_fit`).
 
+    ``samples``: a folder (a MVTec category with ``train/good``, or a folder of good images,
+    as ``adtr fit``), a list of good :class:`~adtr.data.Sample` or of paths, an image array
+    (N, H, W) or (N, H, W, C), RGB(A), channels last, with C 1, 3 or 4, or a list of images
+    (PIL, numpy, torch), each read as ``Detector.predict`` reads it
+    (:func:`adtr.data.inputs.training_images`). Defective samples are refused.
     A bad input found before anything resumable was saved (an image that does not decode,
     say), or any other failure then, removes the run folder again if this call created it:
     no half-made run is left. ``device``: ``cpu``, ``cuda``, ``cuda:N``; None picks CUDA when present.
     """
+    samples = training_images(samples)
     run_dir = Path(run_dir)
     created = not run_dir.exists()
     try:

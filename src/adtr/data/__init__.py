@@ -13,6 +13,13 @@ from adtr.data.cifar import (
 )
 from adtr.data.dataset import ImageDataset, validate_readable
 from adtr.data.folder import index_folder, index_test_folder
+from adtr.data.inputs import (
+    array_to_pil,
+    expand_inputs,
+    resolve_training_samples,
+    to_pil,
+    training_images,
+)
 from adtr.data.images import (
     IMAGE_SUFFIXES,
     image_to_tensor,
@@ -31,6 +38,8 @@ __all__ = [
     "ImageDataset",
     "OneClassSplit",
     "Sample",
+    "array_to_pil",
+    "expand_inputs",
     "has_masks",
     "image_to_tensor",
     "index_folder",
@@ -42,8 +51,11 @@ __all__ = [
     "one_class_split",
     "read_image",
     "read_mask",
+    "resolve_training_samples",
     "save_cifar_pickle",
     "save_class_folders",
+    "to_pil",
+    "training_images",
     "validate_readable",
     "verify_image",
 ]

@@ -52,11 +52,16 @@ class ImageDataset(Dataset):
 
 
 class ArrayDataset(Dataset):
-    """In-memory uint8 images (N, H, W, 3), e.g. CIFAR, with the same items as :class:`ImageDataset`."""
+    """In-memory uint8 RGB images, e.g. CIFAR, with the same items as :class:`ImageDataset`: one
+    (N, H, W, 3) array, or a list of (H, W, 3) arrays of any sizes."""
 
-    def __init__(self, images: np.ndarray, image_size: int) -> None:
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise AdtrError(f"image array must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    def __init__(self, images: np.ndarray | Sequence[np.ndarray], image_size: int) -> None:
+        if isinstance(images, np.ndarray):
+            if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+                raise AdtrError(f"image array must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        elif not all(isinstance(a, np.ndarray) and a.ndim == 3 and a.shape[-1] == 3 and a.dtype == np.uint8
+                     for a in images):
+            raise AdtrError("image list must hold uint8 (H, W, 3) arrays")
         if len(images) == 0:
             raise AdtrError("no images to load: the image array is empty")
         self.images = images
@@ -75,13 +80,20 @@ class ArrayDataset(Dataset):
         }
 
 
-#: What training and feature extraction accept: indexed files or an in-memory image array.
-ImageSource = Sequence[Sample] | np.ndarray
+#: What training and feature extraction accept: indexed files, or in-memory uint8 RGB images (one
+#: (N, H, W, 3) array, or a list of (H, W, 3) arrays); :func:`adtr.data.inputs.training_images`
+#: makes one of them from anything ``fit`` accepts.
+ImageSource = Sequence[Sample] | np.ndarray | Sequence[np.ndarray]
+
+
+def in_memory(source: ImageSource) -> bool:
+    """Whether ``source`` holds decoded images rather than samples of files."""
+    return isinstance(source, np.ndarray) or (len(source) > 0 and isinstance(source[0], np.ndarray))
 
 
 def as_dataset(source: ImageSource, image_size: int) -> Dataset:
-    """The right Dataset for a list of samples or a uint8 image array."""
-    if isinstance(source, np.ndarray):
+    """The right Dataset for a list of samples or in-memory images."""
+    if in_memory(source):
         return ArrayDataset(source, image_size)
     return ImageDataset(source, image_size)
 
