@@ -171,3 +171,20 @@ def test_calibrate_f1_on_confetti(tiny_run, tiny_category, tmp_path, capsys):
     assert again["threshold_f1"] == cal["threshold_f1"]
     with pytest.raises(AdtrError, match="not both"):
         calibrate(run, "f1", index_mvtec(tiny_category.parent, tiny_category.name, "test"), [good / "000.png"])
+
+
+def test_calibrate_from_python_takes_the_folders_the_cli_takes(tiny_run, tiny_category, tmp_path):
+    """``calibrate(run, "f1", "path/to/category")`` reads the folder as ``--data`` does (the
+    string used to be iterated character by character), and confetti takes a folder of good images."""
+    for name in ("folder", "samples", "confetti_folder", "confetti_list"):
+        shutil.copytree(tiny_run, tmp_path / name)
+    by_folder = calibrate(tmp_path / "folder", "f1", str(tiny_category))
+    by_samples = calibrate(tmp_path / "samples", "f1", index_mvtec(tiny_category.parent, tiny_category.name, "test"))
+    assert by_folder["threshold_f1"] == by_samples["threshold_f1"] and by_folder["f1_images"] == 12
+    good = tiny_category / "train" / "good"
+    by_confetti_folder = calibrate(tmp_path / "confetti_folder", "f1", confetti_images=str(good))
+    by_confetti_list = calibrate(tmp_path / "confetti_list", "f1", confetti_images=sorted(good.glob("*.png")))
+    assert by_confetti_folder["threshold_f1"] == by_confetti_list["threshold_f1"]
+    with pytest.raises(AdtrError, match="masks go with a folder"):
+        calibrate(tmp_path / "folder", "f1", index_mvtec(tiny_category.parent, tiny_category.name, "test"),
+                  masks=tmp_path)

@@ -403,6 +403,28 @@ def test_resume_refuses_other_images(tiny_category, tmp_path):
         fit(tiny_config(epochs=3), samples, tmp_path / "r", on_epoch=stop)
     with pytest.raises(AdtrError, match="other training images"):
         fit(tiny_config(epochs=3), samples[:-1], tmp_path / "r", resume=True)
+    with pytest.raises(AdtrError, match="or the same in another order"):
+        fit(tiny_config(epochs=3), samples[::-1], tmp_path / "r", resume=True)
+
+
+def test_resume_from_python_says_which_settings_it_ignores(tiny_category, tmp_path, caplog):
+    """The run's saved config wins (a resumed run ends as the uninterrupted one would); a config
+    that asks for something else is named in a warning, not dropped silently."""
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
+    cfg = tiny_config(epochs=3)
+    interrupt_after_epoch_two(cfg, samples, tmp_path / "r")
+    other = with_overrides(tiny_config(epochs=5, lr=1e-3), "score", target_fpr=0.2)
+    with caplog.at_level(logging.WARNING, logger="adtr.engine"):
+        result = fit(other, samples, tmp_path / "r", resume=True)
+    assert result.epochs == 3 and result.calibration["target_fpr"] == cfg.score.target_fpr
+    warning = next(r.getMessage() for r in caplog.records if "ignored" in r.getMessage())
+    assert "train.epochs 5 (run: 3)" in warning and "train.lr 0.001 (run: 0.0005)" in warning
+    assert "score.target_fpr 0.2 (run: 0.01)" in warning and "model." not in warning
+    caplog.clear()
+    interrupt_after_epoch_two(cfg, samples, tmp_path / "same")
+    with caplog.at_level(logging.WARNING, logger="adtr.engine"):
+        fit(cfg, samples, tmp_path / "same", resume=True)
+    assert not [r for r in caplog.records if "ignored" in r.getMessage()]
 
 
 def test_devices_are_named_or_refused_in_one_line(tiny_category, tmp_path, monkeypatch):

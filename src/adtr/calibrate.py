@@ -146,11 +146,26 @@ def apply_mode(calibration: dict[str, Any], mode: str) -> dict[str, Any]:
     return cal
 
 
-def calibrate(run: Path, mode: str, samples: Sequence[Sample] | None = None,
-              confetti_images: Sequence[Path] | None = None, rule: str | None = None) -> dict[str, Any]:
+def calibrate(run: str | Path, mode: str, samples: Sequence[Sample] | str | Path | None = None,
+              confetti_images: Sequence[Path] | str | Path | None = None, rule: str | None = None,
+              masks: str | Path | None = None) -> dict[str, Any]:
     """Switch ``run``'s active thresholds to ``mode``, first computing the F1 ones from labelled
     ``samples`` or from confetti on ``confetti_images`` when given, and the target-FPR image
-    threshold under ``rule`` when given; rewrites ``model.pt`` atomically and returns the calibration."""
+    threshold under ``rule`` when given; rewrites ``model.pt`` atomically and returns the calibration.
+
+    ``samples`` may be a folder, read as ``adtr calibrate --data DIR [--masks DIR]`` reads it
+    (a MVTec category or a test-layout folder, ``masks`` beside it); ``confetti_images`` a
+    folder of good images. A :class:`~adtr.detector.Detector` loaded before keeps the thresholds
+    it was loaded with (load it again), and so does an exported ``model.onnx`` (export again).
+    """
+    from adtr.data import list_images, resolve_test_samples
+
+    if masks is not None and not isinstance(samples, (str, Path)):
+        raise AdtrError("masks go with a folder of labelled images (samples='path/to/test')")
+    if isinstance(samples, (str, Path)):
+        samples = resolve_test_samples(samples, masks)
+    if isinstance(confetti_images, (str, Path)):
+        confetti_images = list_images(confetti_images)
     path = ckpt_io.find_run_file(Path(run))
     ckpt = ckpt_io.load_checkpoint(path)
     if ckpt.get("kind") != "model":

@@ -32,18 +32,10 @@ from adtr.errors import AdtrError
 log = logging.getLogger("adtr")
 
 
-def resolve_test_samples(data: Path, masks: Path | None):
-    """A MVTec category folder (``test/`` inside) or a plain test folder (good + defect folders)."""
-    from adtr.data import index_mvtec, index_test_folder
-
-    data = Path(data)
-    if (data / "test").is_dir() and masks is None:
-        return index_mvtec(data.parent, data.name, "test")
-    return index_test_folder(data, masks)
-
-
 def resolve_defect_samples(data: Path, masks: Path | None):
     """Defective images for ADTR+: the defect folders of a MVTec category's test split or a test-layout folder."""
+    from adtr.data import resolve_test_samples
+
     samples = [s for s in resolve_test_samples(Path(data), masks) if s.label == 1]
     if not samples:
         raise AdtrError(f"{data}: no defective images found (expected defect-type folders beside good/)")
@@ -231,7 +223,7 @@ def fit_interrupted_message(args: argparse.Namespace, argv: list[str]) -> str:
 
 def evaluate_run(args: argparse.Namespace):
     """Load ``args.run`` and evaluate it on ``args.data`` (+ ``args.masks``): detector, samples, result."""
-    from adtr.data import validate_readable
+    from adtr.data import resolve_test_samples, validate_readable
     from adtr.detector import Detector
     from adtr.evaluate import evaluate
 
@@ -307,7 +299,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from adtr.calibrate import calibrate
-    from adtr.data import validate_readable
+    from adtr.data import resolve_test_samples, validate_readable
 
     samples, good = None, None
     if args.data:
@@ -452,7 +444,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_tsne(args: argparse.Namespace) -> int:
-    from adtr.data import validate_readable
+    from adtr.data import resolve_test_samples, validate_readable
     from adtr.tsne import tsne_figure
 
     samples = resolve_test_samples(Path(args.data), Path(args.masks) if args.masks else None)

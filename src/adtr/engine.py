@@ -418,6 +418,17 @@ def plus_loss(output: ADTROutput, pixel_labels: torch.Tensor, image_labels: torc
     return image_push_pull_loss(phi, image_labels, plus.topk, plus.alpha)
 
 
+def config_differences(asked: RunConfig, saved: RunConfig) -> list[str]:
+    """``section.field ASKED (run: SAVED)`` for each value of ``asked`` that a resume of the run
+    saved with ``saved`` ignores. An ADTR+ run's model section is its init run's, whatever was asked."""
+    sections = ("train", "score", "plus") if saved.plus.loss != "none" else ("model", "train", "score", "plus")
+    out = []
+    for section in sections:
+        wanted, kept = (dataclasses.asdict(getattr(c, section)) for c in (asked, saved))
+        out += [f"{section}.{k} {v} (run: {kept[k]})" for k, v in wanted.items() if v != kept[k]]
+    return out
+
+
 def nothing_to_resume(run_dir: Path) -> bool:
     """``fit --resume`` where there is no ``last.pt``: False (start afresh) or an error.
 
@@ -520,9 +531,14 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
         resume = nothing_to_resume(run_dir)
     if resume:
         state = ckpt_io.load_checkpoint(last_path)
-        config = from_dict(state["config"])  # the run's own config wins
+        saved = from_dict(state["config"])
+        ignored = config_differences(config, saved)
+        if ignored:
+            log.warning("resuming %s with its own config; ignored: %s", run_dir, "; ".join(ignored))
+        config = saved  # the run's own config wins: a resumed run ends as the uninterrupted one would
         if state.get("images") != images:
-            raise AdtrError(f"{last_path}: was started on other training images; resume with the same folder")
+            raise AdtrError(f"{last_path}: was started on other training images (or the same in another order, "
+                            "which changes every batch); resume with the same folder")
     elif (run_dir / ckpt_io.MODEL_FILE).exists() or last_path.exists():
         raise AdtrError(f"{run_dir}: already holds a run; use --resume to continue it or pick a new folder")
     plus = config.plus if config.plus.loss != "none" else None

@@ -13,13 +13,6 @@ from adtr.data.cifar import (
 )
 from adtr.data.dataset import ImageDataset, validate_readable
 from adtr.data.folder import index_folder, index_test_folder
-from adtr.data.inputs import (
-    array_to_pil,
-    expand_inputs,
-    resolve_training_samples,
-    to_pil,
-    training_images,
-)
 from adtr.data.images import (
     IMAGE_SUFFIXES,
     image_to_tensor,
@@ -27,6 +20,14 @@ from adtr.data.images import (
     read_image,
     read_mask,
     verify_image,
+)
+from adtr.data.inputs import (
+    array_to_pil,
+    expand_inputs,
+    resolve_test_samples,
+    resolve_training_samples,
+    to_pil,
+    training_images,
 )
 from adtr.data.mvtec import index_mvtec, list_mvtec_categories
 from adtr.data.samples import Sample, has_masks
@@ -51,6 +52,7 @@ __all__ = [
     "one_class_split",
     "read_image",
     "read_mask",
+    "resolve_test_samples",
     "resolve_training_samples",
     "save_cifar_pickle",
     "save_class_folders",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adtr.data.folder import index_folder
+from adtr.data.folder import index_folder, index_test_folder
 from adtr.data.images import list_images, read_image, to_rgb
 from adtr.data.mvtec import index_mvtec
 from adtr.data.samples import GOOD, Sample
@@ -36,6 +36,15 @@ def resolve_training_samples(data: str | Path) -> list[Sample]:
     if (data / "train" / GOOD).is_dir():
         return index_mvtec(data.parent, data.name, "train")
     return index_folder(data)
+
+
+def resolve_test_samples(data: str | Path, masks: str | Path | None = None) -> list[Sample]:
+    """A MVTec category folder (``test/`` inside) or a plain test folder (good + defect folders,
+    masks in ``masks`` when given), as ``adtr test --data DIR [--masks DIR]`` reads them."""
+    data = Path(data)
+    if (data / "test").is_dir() and masks is None:
+        return index_mvtec(data.parent, data.name, "test")
+    return index_test_folder(data, Path(masks) if masks is not None else None)
 
 
 def is_file_input(item: str | Path) -> bool:
