@@ -49,6 +49,18 @@ def assert_compiled_agrees_with_eager(run: Path, precision: str, rtol: float, de
     return det, images, maps, scores
 
 
+def error_of(capsys, argv: list[str]) -> str:
+    """Run the CLI on ``argv`` and return its error: exit status 2 and one ``error: ...`` line, no traceback."""
+    from adtr.cli import main
+
+    capsys.readouterr()  # drop what earlier calls printed
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
 TINY_FIT_ARGS = ["--image-size", "64", "--weights", "none", "--epochs", "3", "--batch-size", "4"]
 
 

@@ -17,7 +17,7 @@ from adtr import checkpoint as ckpt_io
 from adtr.cli import main
 from adtr.postprocess import expected_fpr
 
-from conftest import TINY_FIT_ARGS
+from conftest import TINY_FIT_ARGS, error_of
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +25,6 @@ def tiny_run(tiny_category, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("cli") / "run"
     assert main(["fit", str(tiny_category), "--out", str(run), *TINY_FIT_ARGS]) == 0
     return run
-
-
-def error_of(capsys, argv: list[str]) -> str:
-    capsys.readouterr()  # drop what earlier calls printed
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
 
 
 def assert_rows_are_the_models(run: Path, rows: list[dict], out: Path) -> None:
