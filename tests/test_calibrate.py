@@ -137,7 +137,7 @@ def test_prediction_at_the_input_resolution(tiny_run, tiny_category):
     assert not q.is_anomalous and not q.defect_mask.any()
     r = det.predict(image, threshold=0.0)
     assert r.is_anomalous and np.array_equal(r.defect_mask, r.anomaly_map > det.pixel_threshold)
-    with pytest.raises(AdtrError, match="batch_size must be at least 1, got 0"):
+    with pytest.raises(AdtrError, match="batch_size must be a whole number of at least 1, got 0"):
         det.predict([image], batch_size=0)
 
 

@@ -149,8 +149,9 @@ def test_checkpoint_interval(tiny_category, tmp_path, monkeypatch, checkpoint_se
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path, tiny_category):
+    samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
     with pytest.raises(AdtrError, match="nothing to resume"):
-        fit(tiny_config(), [], tmp_path / "none", resume=True)
+        fit(tiny_config(), samples, tmp_path / "none", resume=True)
 
 
 def test_precision_resolution():
