@@ -93,12 +93,16 @@ DAMAGED_ADVICE = {
 }
 
 
+def damaged(path: Path) -> str:
+    """A truncated or damaged file, its size, and for a run's own files what to do about it."""
+    advice = DAMAGED_ADVICE.get(path.name)
+    return f"the file is truncated or damaged ({path.stat().st_size} bytes)" + (f"; {advice}" if advice else "")
+
+
 def not_a_checkpoint(path: Path) -> str:
     """Why a file that is not a zip archive cannot be an adtr checkpoint, and what to do."""
-    size = path.stat().st_size
-    if path.name in DAMAGED_ADVICE or size == 0:
-        advice = DAMAGED_ADVICE.get(path.name)
-        return f"the file is truncated or damaged ({size} bytes)" + (f"; {advice}" if advice else "")
+    if path.name in DAMAGED_ADVICE or path.stat().st_size == 0:
+        return damaged(path)
     if path.suffix.lower() == ".onnx":
         return ("an ONNX graph, not a checkpoint: give the run folder, with engine 'onnx' (--engine onnx) "
                 "to score with it")
@@ -118,8 +122,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             msg = "refused: the file contains pickled objects other than tensors (possible code)"
         elif isinstance(exc, EOFError) or "zip archive" in str(exc) or "central directory" in str(exc):
-            advice = DAMAGED_ADVICE.get(path.name)
-            msg = f"the file is truncated or damaged ({path.stat().st_size} bytes)" + (f"; {advice}" if advice else "")
+            msg = damaged(path)
         raise file_error(path, f"cannot load checkpoint: {msg}") from exc
     if not isinstance(ckpt, dict) or "format_version" not in ckpt:
         raise file_error(path, "not an adtr checkpoint")

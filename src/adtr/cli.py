@@ -26,7 +26,7 @@ from typing import Any
 from adtr import __version__
 from adtr.checkpoint import atomic_write_bytes
 from adtr.config import (CROSS_INITS, ENGINES, INFERENCE_PRECISIONS, OPTIMIZERS, POS_INITS, RECONSTRUCTORS,
-                          SCHEDULES, THRESHOLD_RULES, RunConfig, with_overrides)
+                          SCHEDULES, THRESHOLD_RULES, RunConfig, resume_ignores, with_overrides)
 from adtr.errors import AdtrError
 
 log = logging.getLogger("adtr")
@@ -156,14 +156,7 @@ def options_a_resume_ignores(args: argparse.Namespace, saved: RunConfig) -> list
         asked = config_from_args(args)
     except AdtrError:  # an impossible value: nothing it could have changed
         return []
-    today = RunConfig()
-    ignored = []
-    for section in ("model", "train", "score"):
-        wanted, kept, default = (dataclasses.asdict(getattr(c, section)) for c in (asked, saved, today))
-        for name, value in wanted.items():
-            if value != default[name] and value != kept[name]:
-                ignored.append(f"{section}.{name} {value} (run: {kept[name]})")
-    return ignored
+    return resume_ignores(asked, saved, ("model", "train", "score"), only_non_default=True)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:

@@ -256,6 +256,20 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
     )
 
 
+def resume_ignores(asked: RunConfig, saved: RunConfig, sections: tuple[str, ...],
+                   only_non_default: bool = False) -> list[str]:
+    """``section.field ASKED (run: SAVED)`` for each value of ``asked`` that differs from the run's
+    ``saved`` one, which a resume keeps; with ``only_non_default``, only values that differ
+    from today's defaults too (the options a command line actually gave)."""
+    today = RunConfig()
+    ignored = []
+    for section in sections:
+        wanted, kept, default = (dataclasses.asdict(getattr(c, section)) for c in (asked, saved, today))
+        ignored += [f"{section}.{name} {value} (run: {kept[name]})" for name, value in wanted.items()
+                    if value != kept[name] and not (only_non_default and value == default[name])]
+    return ignored
+
+
 def plus_config(base: RunConfig, **plus: Any) -> RunConfig:
     """The config of an ADTR+ run started from a run configured as ``base``: its model and
     scoring, ADTR+ training defaults, and ``plus`` (e.g. ``loss='pixel', init='runs/bottle'``)."""

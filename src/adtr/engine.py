@@ -26,7 +26,8 @@ import torch
 
 from adtr import checkpoint as ckpt_io
 from adtr.anomalies import AnomalyPool, confetti_pool, decode_images, labelled_pool, mix_anomalies
-from adtr.config import SCHEDULES, ModelConfig, PlusConfig, RunConfig, ScoreConfig, TrainConfig, from_dict, to_dict
+from adtr.config import (SCHEDULES, ModelConfig, PlusConfig, RunConfig, ScoreConfig, TrainConfig, from_dict,
+                         resume_ignores, to_dict)
 from adtr.data.dataset import ImageSource
 from adtr.data.inputs import training_images
 from adtr.errors import AdtrError, compile_failure, first_line
@@ -418,17 +419,6 @@ def plus_loss(output: ADTROutput, pixel_labels: torch.Tensor, image_labels: torc
     return image_push_pull_loss(phi, image_labels, plus.topk, plus.alpha)
 
 
-def config_differences(asked: RunConfig, saved: RunConfig) -> list[str]:
-    """``section.field ASKED (run: SAVED)`` for each value of ``asked`` that a resume of the run
-    saved with ``saved`` ignores. An ADTR+ run's model section is its init run's, whatever was asked."""
-    sections = ("train", "score", "plus") if saved.plus.loss != "none" else ("model", "train", "score", "plus")
-    out = []
-    for section in sections:
-        wanted, kept = (dataclasses.asdict(getattr(c, section)) for c in (asked, saved))
-        out += [f"{section}.{k} {v} (run: {kept[k]})" for k, v in wanted.items() if v != kept[k]]
-    return out
-
-
 def nothing_to_resume(run_dir: Path) -> bool:
     """``fit --resume`` where there is no ``last.pt``: False (start afresh) or an error.
 
@@ -532,7 +522,9 @@ def _fit(config: RunConfig, samples: ImageSource, run_dir: Path, resume: bool = 
     if resume:
         state = ckpt_io.load_checkpoint(last_path)
         saved = from_dict(state["config"])
-        ignored = config_differences(config, saved)
+        # An ADTR+ run's model section is its init run's, whatever was asked.
+        sections = ("train", "score", "plus") if saved.plus.loss != "none" else ("model", "train", "score", "plus")
+        ignored = resume_ignores(config, saved, sections)
         if ignored:
             log.warning("resuming %s with its own config; ignored: %s", run_dir, "; ".join(ignored))
         config = saved  # the run's own config wins: a resumed run ends as the uninterrupted one would
