@@ -18,9 +18,9 @@ from conftest import tiny_config
 
 def test_bf16_inference_matches_fp32_within_tolerance(tiny_category, tmp_path):
     samples = index_mvtec(tiny_category.parent, tiny_category.name, "train")
-    fit(tiny_config(), samples, tmp_path / "run")
+    result = fit(tiny_config(), samples, tmp_path / "run")
     images = [s.image for s in index_mvtec(tiny_category.parent, tiny_category.name, "test")]
-    ref = Detector.load(tmp_path / "run", device="cpu").predict(images)
+    ref = result.detector(device="cpu").predict(images)  # FitResult's shortcut to Detector.load
     fast = Detector.load(tmp_path / "run", device="cpu", precision="bf16").predict(images)
     ref_scores = np.array([p.score for p in ref])
     fast_scores = np.array([p.score for p in fast])
@@ -53,6 +53,18 @@ def test_arrays_are_read_as_files_of_their_depth_are(tiny_run, tmp_path):
                       (np.zeros((0, 48, 3), np.uint8), "not an image"), (rgb.astype(str), "holds no pixel values")):
         with pytest.raises(AdtrError, match=says):
             det.predict(bad)
+
+
+def test_a_prediction_prints_as_one_line_without_its_arrays(tiny_run, tiny_category):
+    image = next((tiny_category / "test").rglob("*.png"))
+    prediction = Detector.load(tiny_run, device="cpu").predict(str(image))
+    text = repr(prediction)
+    height, width = prediction.anomaly_map.shape
+    assert "\n" not in text and "array" not in text and len(text) < 300
+    assert f"score={prediction.score:.4g}" in text and f"threshold={prediction.threshold:.4g}" in text
+    assert ("anomalous" if prediction.is_anomalous else "normal") in text.split(",")[0]
+    assert f"map={height}x{width}" in text and f"defect_pixels={prediction.defect_mask.sum()}" in text
+    assert repr(str(image)) in text
 
 
 def test_score_tensors_refuses_batches_that_would_score_wrongly(tiny_run):

@@ -65,6 +65,14 @@ class Prediction:
     defect_mask: np.ndarray
     source: str
 
+    def __repr__(self) -> str:
+        """One line for a notebook or a log: the decision and the arrays' sizes, not their values."""
+        verdict = "anomalous" if self.is_anomalous else "normal"
+        height, width = self.anomaly_map.shape[:2]
+        return (f"Prediction({verdict}, score={self.score:.4g}, threshold={self.threshold:.4g}, "
+                f"normalized_score={self.normalized_score:.3f}, map={height}x{width}, "
+                f"defect_pixels={int(np.count_nonzero(self.defect_mask))}, source={self.source!r})")
+
 
 @dataclass(frozen=True)
 class Unreadable:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from adtr.models.backbone import FrozenBackbone, PixelPatches
 from adtr.optim import MuonAdamW, make_optimizer
 from adtr.postprocess import image_score, pixel_anomaly_map, pixel_quantile_threshold, quantile_threshold
 from adtr.progress import EpochProgress
+
+if TYPE_CHECKING:
+    from adtr.detector import Detector
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +280,12 @@ class FitResult:
     threshold: float  # the image threshold (inf when no image was held out: every image is good)
     selected_epoch: int  # the epoch whose weights were kept (--select)
     calibration: dict[str, Any] = field(default_factory=dict, repr=False)  # as saved in model.pt
+
+    def detector(self, device: str | torch.device | None = None, **options: Any) -> Detector:
+        """The fitted run, ready to score: ``Detector.load(self.run_dir, device, **options)``."""
+        from adtr.detector import Detector  # detector imports engine
+
+        return Detector.load(self.run_dir, device, **options)
 
 
 def estimate_epochs(model: ADTR, feats: torch.Tensor, cfg: TrainConfig, device: torch.device,
