@@ -33,9 +33,14 @@ def test_one_class_protocol_keeps_the_papers_model():
 
 
 @pytest.mark.parametrize("layout", ["cifar10", "folders"])
-def test_one_class_protocol_on_both_layouts(tmp_path, layout):
+def test_one_class_protocol_on_both_layouts(tmp_path, layout, monkeypatch):
     """Each reported AUROC (ADTR and ADTR+) is that of its own run's scores on the split's test
     images against the split's labels, recomputed here with sklearn from the runs the protocol saved."""
+    import adtr.oneclass
+
+    scored = []  # the scores each AUROC was computed from: on this data both runs reach AUROC 1.0
+    auroc = adtr.oneclass.image_auroc
+    monkeypatch.setattr(adtr.oneclass, "image_auroc", lambda y, s: scored.append(np.asarray(s)) or auroc(y, s))
     train, test = tiny_cifar()
     if layout == "folders":
         root = save_class_folders(tmp_path / "data", train, test)
@@ -50,10 +55,11 @@ def test_one_class_protocol_on_both_layouts(tmp_path, layout):
     assert set(res) == {"adtr", "adtr_plus"}
     assert res["adtr"].epochs == 2 and res["adtr_plus"].epochs == 1
     scores = {}
-    for name in res:
+    for name, protocol_scores in zip(res, scored, strict=True):
         det = Detector.load(tmp_path / "runs" / name, device="cpu")
         scores[name] = np.array([p.score for p in det.predict(list(split.test))])
         assert res[name].image_auroc == pytest.approx(roc_auc_score(split.test_labels, scores[name])), name
+        np.testing.assert_allclose(protocol_scores, scores[name], rtol=1e-4, err_msg=name)
     # A fine-tuned model of its own, though on this data both reach the same AUROC.
     assert not np.allclose(scores["adtr_plus"], scores["adtr"])
 
