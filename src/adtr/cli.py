@@ -352,28 +352,22 @@ def staged_outputs(out: Path, replaces: tuple[str, ...] = ()) -> Iterator[Path]:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
     from adtr.data import expand_inputs, verify_image
-    from adtr.detector import Detector
+    from adtr.detector import Detector, Unreadable
     from adtr.postprocess import normalize_scores
     from adtr.progress import batches
     from adtr.visualize import overlay_panel, save_png, tensor_to_uint8
 
     det = Detector.load(args.run, precision=args.precision, engine=args.engine)
     paths = expand_inputs(args.inputs)
-    unreadable: dict[Path, str] = {}  # with --skip-unreadable: file -> why
-
-    def skip_or_stop(p: Path, exc: AdtrError) -> None:
-        """--skip-unreadable notes the file; otherwise it ends the command, with nothing written."""
-        if not args.skip_unreadable:
-            raise exc
-        unreadable[p] = str(exc)
-
-    for p in paths:
+    unreadable: dict[Path, str] = {}  # with --skip-unreadable: file -> why; without, the first ends the command
+    for p in paths:  # headers first, so that a bad file stops the command before any scoring
         try:
             verify_image(p)
         except AdtrError as exc:
-            skip_or_stop(p, exc)
+            if not args.skip_unreadable:
+                raise
+            unreadable[p] = str(exc)
     out = Path(args.out)
     thr = det.threshold if args.threshold is None else args.threshold
     vmax = 2 * thr if np.isfinite(thr) and thr > 0 else None  # one colour scale for every overlay
@@ -382,26 +376,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # overlays of an earlier predict into ``out`` (the rows name the ones they go with).
     with staged_outputs(out, replaces=("overlays",)) as stage:
         for i in batches(range(0, len(paths), args.batch_size), "predict", leave=True):
-            decoded = []  # (index, path, (3, S, S) image), decoded once
-            for k in range(i, min(i + args.batch_size, len(paths))):
-                if paths[k] not in unreadable:
-                    try:
-                        decoded.append((k, paths[k], det.to_tensor(paths[k])))
-                    except AdtrError as exc:
-                        skip_or_stop(paths[k], exc)
-                if paths[k] in unreadable:
-                    rows[k] = {"image": str(paths[k]), "score": None, "normalized_score": None, "threshold": thr,
-                               "label": "unreadable", "overlay": ""}
-            if not decoded:
-                continue
-            maps, scores = det.score_tensors(torch.stack([image for _, _, image in decoded]))
-            for (k, p, image), amap, score in zip(decoded, maps.numpy(), scores.tolist()):
-                overlay = "" if args.no_overlays else f"overlays/{k:05d}_{p.stem}.png"
-                rows[k] = {"image": str(p), "score": score, "normalized_score": normalize_scores(score, thr),
+            readable = [k for k in range(i, min(i + args.batch_size, len(paths))) if paths[k] not in unreadable]
+            scored = det.score_chunk([(str(paths[k]), paths[k]) for k in readable],
+                                     on_error="skip" if args.skip_unreadable else "raise")
+            for k, result in zip(readable, scored, strict=True):
+                if isinstance(result, Unreadable):
+                    unreadable[paths[k]] = result.error
+                    continue
+                score, amap = result.score, result.anomaly_map.numpy()
+                overlay = "" if args.no_overlays else f"overlays/{k:05d}_{paths[k].stem}.png"
+                rows[k] = {"image": str(paths[k]), "score": score, "normalized_score": normalize_scores(score, thr),
                            "threshold": thr, "label": "anomalous" if score > thr else "good", "overlay": overlay}
                 if overlay:
-                    panel = overlay_panel(tensor_to_uint8(image), amap, 0.0, vmax or float(amap.max()))
+                    panel = overlay_panel(tensor_to_uint8(result.image), amap, 0.0, vmax or float(amap.max()))
                     save_png(panel, stage / overlay)
+        for k, p in enumerate(paths):
+            if p in unreadable:
+                rows[k] = {"image": str(p), "score": None, "normalized_score": None, "threshold": thr,
+                           "label": "unreadable", "overlay": ""}
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=["image", "score", "normalized_score", "threshold", "label", "overlay"])
         writer.writeheader()

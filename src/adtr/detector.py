@@ -88,6 +88,18 @@ class Unreadable:
         return None
 
 
+@dataclass(frozen=True)
+class Scored:
+    """One input as :meth:`Detector.score_chunk` scored it, before it becomes a :class:`Prediction`
+    (or a row and an overlay of ``adtr predict``)."""
+
+    source: str
+    image: torch.Tensor  # (3, S, S) in [0, 1]: what the model saw
+    size: tuple[int, int]  # the input's own (H, W)
+    anomaly_map: torch.Tensor  # (S, S)
+    score: float
+
+
 class Detector:
     """A trained ADTR run ready for inference."""
 
@@ -250,25 +262,34 @@ class Detector:
         thr = self.threshold if threshold is None else float(threshold)
         results: list[Prediction | Unreadable] = []
         for chunk in chunks(iter_images(images), int(batch_size)):
-            slots: list[Prediction | Unreadable | None] = [None] * len(chunk)
-            decoded = []  # (slot, source, RGB image)
-            for j, (source, item) in enumerate(chunk):
-                try:
-                    decoded.append((j, source, to_pil(item)))
-                except AdtrError as exc:
-                    named = single or isinstance(item, (str, Path))  # a file's errors name it already
-                    if on_error == "raise":
-                        if named:
-                            raise
-                        raise AdtrError(f"{source}: {exc}") from exc
-                    slots[j] = Unreadable(source, str(exc) if named else f"{source}: {exc}")
-            if decoded:
-                maps, scores = self.score_tensors(torch.stack([image_to_tensor(p, self.image_size)
-                                                               for _, _, p in decoded]))
-                for (j, source, pil), amap, score in zip(decoded, maps, scores):
-                    slots[j] = self.make_prediction(float(score), amap, (pil.height, pil.width), thr, source)
-            results.extend(slots)
+            results.extend(r if isinstance(r, Unreadable) else
+                           self.make_prediction(r.score, r.anomaly_map, r.size, thr, r.source)
+                           for r in self.score_chunk(chunk, on_error, errors_name_the_input=single))
         return results[0] if single else results
+
+    def score_chunk(self, chunk: list[tuple[str, ImageInput]], on_error: str = "raise",
+                    errors_name_the_input: bool = False) -> list[Scored | Unreadable]:
+        """Decode and score one forward pass's worth of ``(source, image)`` pairs, in order: the
+        loop behind both ``predict`` and ``adtr predict``. An input that cannot be read raises
+        :class:`AdtrError` naming it, or with ``on_error="skip"`` becomes an :class:`Unreadable`."""
+        slots: list[Scored | Unreadable | None] = [None] * len(chunk)
+        decoded = []  # (slot, source, RGB image)
+        for j, (source, item) in enumerate(chunk):
+            try:
+                decoded.append((j, source, to_pil(item)))
+            except AdtrError as exc:
+                named = errors_name_the_input or isinstance(item, (str, Path))  # a file's errors name it already
+                if on_error == "raise":
+                    if named:
+                        raise
+                    raise AdtrError(f"{source}: {exc}") from exc
+                slots[j] = Unreadable(source, str(exc) if named else f"{source}: {exc}")
+        if decoded:
+            images = torch.stack([image_to_tensor(pil, self.image_size) for _, _, pil in decoded])
+            maps, scores = self.score_tensors(images)
+            for (j, source, pil), image, amap, score in zip(decoded, images, maps, scores.tolist()):
+                slots[j] = Scored(source, image, (pil.height, pil.width), amap, score)
+        return slots  # type: ignore[return-value]  # every slot is filled
 
     def make_prediction(self, score: float, amap: torch.Tensor, size: tuple[int, int], threshold: float,
                         source: str) -> Prediction:
