@@ -9,7 +9,8 @@ images) and score again. Outliers come from ``--outliers`` (e.g. the CIFAR-100 p
 release, as in the paper) or, where CIFAR-100 is not available, from random crops of
 the MVTec AD images under ``--outlier-mvtec`` resized to 32x32 (a documented
 substitute). Writes ``cifar10.json`` (rows merged by class, so classes can be run in
-several calls) and ``cifar10.md`` beside the paper's numbers.
+several calls) and ``cifar10.md`` beside the paper's numbers; ``cifar10_<size>.*`` with
+``--image-size`` other than the paper's 32.
 """
 
 from __future__ import annotations
@@ -88,12 +89,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
         paper = [PAPER[r["class"]] for r in rows if r["class"] in PAPER]
         lines.append(f"| **mean** | **{ours:.1f}** | **{plus}** | {np.mean([p[0] for p in paper]):.1f} | "
                      f"{np.mean([p[1] for p in paper]):.1f} | |")
+    size = meta.get("image_size", 32)
     return (
         "# CIFAR-10 one-class, image AUROC (%)\n\n"
         f"Commit `{short_commit(meta['commit'])}`. Data: `{meta['root']}`. {meta['data_note']}\n\n"
         f"Budget: ADTR {meta['epochs']} epochs, ADTR+ {meta['plus_epochs']} epochs, batch {meta['batch_size']}, "
-        f"backbone {meta['backbone']}, on {meta['machine']} (the paper: EfficientNet-B4, 500 epochs, then 300 "
-        f"for ADTR+, batch 128). Test: the class's test images + 1000 from the other nine (seed {meta['seed']}). "
+        f"backbone {meta['backbone']}, images resized to {size}x{size} (8x8 grid), on {meta['machine']} (the "
+        "paper: EfficientNet-B4 at 32x32, 500 epochs, then 300 for ADTR+, batch 128). "
+        f"Test: the class's test images + 1000 from the other nine (seed {meta['seed']}). "
         f"Image score: the mean of the anomaly map.\n\nOutliers for ADTR+: {meta['outliers']}.\n\n"
         + "\n".join(lines) + "\n")
 
@@ -108,6 +111,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="ADTR epochs (paper: 500)")
     parser.add_argument("--plus-epochs", type=int, default=1, help="ADTR+ epochs (paper: 300)")
     parser.add_argument("--batch-size", type=int, default=32, help="paper: 128")
+    parser.add_argument("--image-size", type=int, default=32,
+                        help="side the images are resized to before the backbone, on an 8x8 grid whatever the size "
+                             "(paper: 32; the authors' later code: 224)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plus", action="store_true", help="ADTR only")
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -124,14 +130,16 @@ def main() -> None:
     train, test = load_cifar(args.root, "train"), load_cifar(args.root, "test")
     print(f"loaded CIFAR from {args.root} in {time.perf_counter() - t0:.0f} s", flush=True)
     classes = args.classes or list(train.classes)
-    config = one_class_config(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    config = one_class_config(args.image_size, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
     outliers, outlier_note = (None, "none") if args.no_plus else load_outliers(args, len(train.images) // len(
         train.classes))
     args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / "cifar10.json"
+    stem = "cifar10" if args.image_size == 32 else f"cifar10_{args.image_size}"
+    json_path = args.out / f"{stem}.json"
     saved = json.loads(json_path.read_text()) if json_path.exists() else {"rows": []}
     meta = {"commit": git_commit(), "root": str(args.root), "epochs": args.epochs, "plus_epochs": args.plus_epochs,
             "batch_size": args.batch_size, "seed": args.seed, "backbone": config.model.backbone,
+            "image_size": args.image_size,
             "outliers": outlier_note, "machine": f"{torch.get_num_threads()} CPU threads, {machine_description()}",
             "data_note": ("These are JPEG re-encodings of CIFAR-10 (quality 75, 4:2:0); results on the original "
                           "pickles are close to, not identical with, these." if "jpeg" in str(args.root).lower()
@@ -152,8 +160,8 @@ def main() -> None:
         print(row, flush=True)
         rows[name] = row
         ordered = [rows[c] for c in train.classes if c in rows]
-        write_results(args.out, "cifar10", {"meta": meta, "rows": ordered}, markdown(ordered, meta), echo=False)
-    print((args.out / "cifar10.md").read_text())
+        write_results(args.out, stem, {"meta": meta, "rows": ordered}, markdown(ordered, meta), echo=False)
+    print((args.out / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -30,6 +30,26 @@ def test_one_class_protocol_keeps_the_papers_model():
     assert model.stages == (0, 1, 2, 3, 4) and model.jitter == 0.0
     assert model.pos_init == "uniform" and model.cross_init == "independent"
     assert one_class_config().train.optimizer == "adamw"
+    assert (model.image_size, model.grid_stride) == (32, 4)  # the paper's 8x8 grid
+
+
+def test_one_class_inputs_can_be_upsampled_on_the_same_grid(tmp_path):
+    """A larger input (the authors' later code upsamples CIFAR-10 to 224) keeps the 8x8 grid, so
+    only the backbone costs more; the score stays the mean of the map."""
+    from adtr.engine import fit
+    from adtr.errors import AdtrError
+
+    cfg = with_overrides(one_class_config(64, epochs=1, batch_size=8), "model", weights="none")
+    assert (cfg.model.image_size, cfg.model.grid_stride, cfg.score.pool_size) == (64, 8, 64)
+    train, _ = tiny_cifar()
+    fit(cfg, train.images[:8], tmp_path / "run")
+    det = Detector.load(tmp_path / "run")
+    scores = score_images(det, train.images[8:11])
+    maps = [p.anomaly_map for p in det.predict(list(train.images[8:11]))]
+    assert det.network.model.pos_embed.shape[1] == 8 * 8  # one learned position per cell of the 8x8 grid
+    np.testing.assert_allclose(scores, [m.mean() for m in maps], rtol=1e-4)
+    with pytest.raises(AdtrError, match="multiple of 8"):
+        one_class_config(100)
 
 
 @pytest.mark.parametrize("layout", ["cifar10", "folders"])
