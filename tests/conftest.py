@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from adtr.config import RunConfig, with_overrides
+from adtr.data import ImageArray
 from adtr.synthetic import make_dataset
 
 torch.set_num_threads(2)
@@ -73,3 +75,16 @@ def tiny_run(tiny_category, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("tiny_run") / "run"
     fit(tiny_config(), index_mvtec(tiny_category.parent, tiny_category.name, "train"), run)
     return run
+
+
+def tiny_cifar(seed: int = 0) -> tuple[ImageArray, ImageArray]:
+    """Three classes of 32x32 images that differ in mean colour, so one class is separable."""
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        labels = np.repeat(np.arange(3), n)
+        base = np.array([[40, 40, 40], [200, 60, 60], [60, 200, 60]])[labels]
+        images = np.clip(base[:, None, None, :] + rng.normal(0, 20, (len(labels), 32, 32, 3)), 0, 255)
+        return ImageArray(images.astype(np.uint8), labels.astype(np.int64), ("a", "b", "c"))
+
+    return split(12), split(6)

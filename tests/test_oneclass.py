@@ -5,22 +5,11 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from adtr.config import with_overrides
-from adtr.data import ImageArray, load_cifar, one_class_split, save_cifar_pickle, save_class_folders
+from adtr.data import load_cifar, one_class_split, save_cifar_pickle, save_class_folders
 from adtr.detector import Detector
 from adtr.oneclass import one_class_config, run_one_class, score_images
 
-
-def tiny_cifar(seed: int = 0) -> tuple[ImageArray, ImageArray]:
-    """Three classes of 32x32 images that differ in mean colour, so one class is separable."""
-    rng = np.random.default_rng(seed)
-
-    def split(n):
-        labels = np.repeat(np.arange(3), n)
-        base = np.array([[40, 40, 40], [200, 60, 60], [60, 200, 60]])[labels]
-        images = np.clip(base[:, None, None, :] + rng.normal(0, 20, (len(labels), 32, 32, 3)), 0, 255)
-        return ImageArray(images.astype(np.uint8), labels.astype(np.int64), ("a", "b", "c"))
-
-    return split(12), split(6)
+from conftest import tiny_cifar
 
 
 def test_one_class_protocol_keeps_the_papers_model():
