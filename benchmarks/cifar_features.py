@@ -7,12 +7,15 @@ image, and a test image scores the mean cosine distance to its 2 nearest trainin
 the class (kNN) or its Mahalanobis distance to their Gaussian. The question it answers: how
 much of the gap between our CIFAR-10 numbers and the paper's comes from feeding an ImageNet
 CNN 32x32 images (the paper's size as written), rather than from the reconstruction or its
-training budget. Writes ``cifar_features.json`` and ``cifar_features.md``.
+training budget. Writes ``cifar_features.json`` and ``cifar_features.md``, merging rows by
+class and size with those already there (same backbone and seed), so classes and sizes can be
+run in several calls.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -49,6 +52,20 @@ def knn_and_gaussian_scores(train: np.ndarray, test: np.ndarray, k: int = 2) -> 
     return knn, np.einsum("ij,jk,ik->i", centred, precision, centred)
 
 
+def markdown(rows: list[dict]) -> str:
+    """One row per class and size, then the mean over the classes run at each size."""
+    lines = ["| class | input size | kNN (k = 2) | Gaussian |", "|---|---|---|---|"]
+    lines += [f"| {r['class']} | {r['size']}x{r['size']} | {100 * r['knn_auroc']:.1f} | "
+              f"{100 * r['gaussian_auroc']:.1f} |" for r in rows]
+    sizes = sorted({r["size"] for r in rows})
+    means = ["| input size | classes | kNN (k = 2), mean | Gaussian, mean |", "|---|---|---|---|"]
+    for size in sizes:
+        at = [r for r in rows if r["size"] == size]
+        means.append(f"| {size}x{size} | {len(at)} | {100 * np.mean([r['knn_auroc'] for r in at]):.1f} | "
+                     f"{100 * np.mean([r['gaussian_auroc'] for r in at]):.1f} |")
+    return "\n".join(lines) + "\n\n" + "\n".join(means) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True, help="CIFAR-10 (pickles or class folders)")
@@ -67,28 +84,37 @@ def main() -> None:
 
     train, test = load_cifar(args.root, "train"), load_cifar(args.root, "test")
     backbone = FrozenBackbone(args.backbone, "packaged", (0, 1, 2, 3, 4), 4)
-    rows = []
+    settings = {"backbone": args.backbone, "seed": args.seed}
+    json_path = args.out / "cifar_features.json"
+    saved = json.loads(json_path.read_text()) if json_path.exists() else {"meta": {}, "rows": []}
+    same = all(saved["meta"].get(k) == v for k, v in settings.items())
+    # Rows of earlier calls keep the commit and machine they ran on (older files name them once, in meta).
+    rows = {(r["class"], r["size"]): {"commit": saved["meta"].get("commit"), "machine": saved["meta"].get("machine"),
+                                      **r} for r in saved["rows"]} if same else {}  # others are replaced
+    machine = f"{torch.get_num_threads()} CPU threads, {machine_description()}"
     for name in args.classes or list(train.classes):
         split = one_class_split(train, test, name, n_anomalous=1000, seed=args.seed)
         for size in args.sizes:
             t0 = time.perf_counter()
             knn, gauss = knn_and_gaussian_scores(pooled_features(backbone, split.train, size),
                                                  pooled_features(backbone, split.test, size))
-            rows.append({"class": name, "size": size, "knn_auroc": roc_auc_score(split.test_labels, knn),
-                         "gaussian_auroc": roc_auc_score(split.test_labels, gauss),
-                         "seconds": round(time.perf_counter() - t0, 1)})
-            print(rows[-1], flush=True)
-    meta = {"commit": git_commit(), "root": str(args.root), "backbone": args.backbone, "seed": args.seed,
-            "machine": f"{torch.get_num_threads()} CPU threads, {machine_description()}"}
-    lines = ["| class | input size | kNN (k = 2) | Gaussian |", "|---|---|---|---|"]
-    lines += [f"| {r['class']} | {r['size']}x{r['size']} | {100 * r['knn_auroc']:.1f} | "
-              f"{100 * r['gaussian_auroc']:.1f} |" for r in rows]
+            rows[name, size] = {"class": name, "size": size, "knn_auroc": roc_auc_score(split.test_labels, knn),
+                                "gaussian_auroc": roc_auc_score(split.test_labels, gauss),
+                                "seconds": round(time.perf_counter() - t0, 1), "commit": git_commit(),
+                                "machine": machine}
+            print(rows[name, size], flush=True)
+    order = {c: i for i, c in enumerate(train.classes)}
+    rows = [rows[key] for key in sorted(rows, key=lambda key: (order.get(key[0], len(order)), key[0], key[1]))]
+    commits = sorted({short_commit(r["commit"]) for r in rows if r.get("commit")})
+    machines = sorted({r["machine"] for r in rows if r.get("machine")})
+    meta = {"commit": git_commit(), "root": str(args.root), **settings, "machine": machine}
     table = ("# CIFAR-10 one-class: what the frozen features separate, image AUROC (%)\n\n"
-             f"Commit `{short_commit(meta['commit'])}`, {args.backbone} with packaged weights, on {meta['machine']}. "
+             f"Commit{'s' if len(commits) > 1 else ''} {', '.join(f'`{c}`' for c in commits)}, {args.backbone} "
+             f"with packaged weights, on {'; '.join(machines)}. "
              "No training: last-stage features averaged over the image (resized bilinearly from 32x32); "
              "kNN: mean cosine distance to the 2 nearest training images of the class; Gaussian: Mahalanobis "
              f"distance (covariance + 0.01 I). Test: the class's 1000 test images + 1000 of the other nine "
-             f"(seed {args.seed}), as in `cifar10.md`.\n\n" + "\n".join(lines) + "\n")
+             f"(seed {args.seed}), as in `cifar10.md`.\n\n" + markdown(rows))
     write_results(args.out, "cifar_features", {"meta": meta, "rows": rows}, table)
 
 

@@ -53,6 +53,13 @@ def test_cifar_features_benchmark_separates_a_class_of_another_colour(tmp_path):
     assert [(r["class"], r["size"]) for r in rows] == [("b", 32), ("b", 64)]
     assert all(r["knn_auroc"] > 0.9 for r in rows), rows
     assert "| b | 64x64 |" in (out / "cifar_features.md").read_text()
+    # A second call adds its rows to the first's (by class and size) and averages each size over the classes.
+    subprocess.run([*cmd[:5], "a", "--sizes", "32", "--out", str(out)], check=True, capture_output=True)
+    rows = json.loads((out / "cifar_features.json").read_text())["rows"]
+    assert [(r["class"], r["size"]) for r in rows] == [("a", 32), ("b", 32), ("b", 64)]
+    table = (out / "cifar_features.md").read_text()
+    mean32 = 100 * (rows[0]["knn_auroc"] + rows[1]["knn_auroc"]) / 2
+    assert f"| 32x32 | 2 | {mean32:.1f} |" in table and f"| 64x64 | 1 | {100 * rows[2]['knn_auroc']:.1f} |" in table
 
 
 def load_script(name):
