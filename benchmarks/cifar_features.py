@@ -63,7 +63,11 @@ def markdown(rows: list[dict]) -> str:
         at = [r for r in rows if r["size"] == size]
         means.append(f"| {size}x{size} | {len(at)} | {100 * np.mean([r['knn_auroc'] for r in at]):.1f} | "
                      f"{100 * np.mean([r['gaussian_auroc'] for r in at]):.1f} |")
-    return "\n".join(lines) + "\n\n" + "\n".join(means) + "\n"
+    caveat = ""
+    if len({frozenset(r["class"] for r in rows if r["size"] == size) for size in sizes}) > 1:
+        caveat = ("\nThe sizes were run on different sets of classes (the classes column): compare their means "
+                  "only over the classes they share.\n")
+    return "\n".join(lines) + "\n\n" + "\n".join(means) + "\n" + caveat
 
 
 def main() -> None:

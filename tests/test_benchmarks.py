@@ -60,6 +60,7 @@ def test_cifar_features_benchmark_separates_a_class_of_another_colour(tmp_path):
     table = (out / "cifar_features.md").read_text()
     mean32 = 100 * (rows[0]["knn_auroc"] + rows[1]["knn_auroc"]) / 2
     assert f"| 32x32 | 2 | {mean32:.1f} |" in table and f"| 64x64 | 1 | {100 * rows[2]['knn_auroc']:.1f} |" in table
+    assert "compare their means only over the classes they share" in table  # 32 px: a and b; 64 px: b only
 
 
 def load_script(name):
