@@ -95,7 +95,7 @@ def main() -> None:
     # Rows of earlier calls keep the commit and machine they ran on (older files name them once, in meta).
     rows = {(r["class"], r["size"]): {"commit": saved["meta"].get("commit"), "machine": saved["meta"].get("machine"),
                                       **r} for r in saved["rows"]} if same else {}  # others are replaced
-    machine = f"{torch.get_num_threads()} CPU threads, {machine_description()}"
+    commit, machine = git_commit(), f"{torch.get_num_threads()} CPU threads, {machine_description()}"
     for name in args.classes or list(train.classes):
         split = one_class_split(train, test, name, n_anomalous=1000, seed=args.seed)
         for size in args.sizes:
@@ -104,14 +104,14 @@ def main() -> None:
                                                  pooled_features(backbone, split.test, size))
             rows[name, size] = {"class": name, "size": size, "knn_auroc": roc_auc_score(split.test_labels, knn),
                                 "gaussian_auroc": roc_auc_score(split.test_labels, gauss),
-                                "seconds": round(time.perf_counter() - t0, 1), "commit": git_commit(),
+                                "seconds": round(time.perf_counter() - t0, 1), "commit": commit,
                                 "machine": machine}
             print(rows[name, size], flush=True)
     order = {c: i for i, c in enumerate(train.classes)}
     rows = [rows[key] for key in sorted(rows, key=lambda key: (order.get(key[0], len(order)), key[0], key[1]))]
     commits = sorted({short_commit(r["commit"]) for r in rows if r.get("commit")})
     machines = sorted({r["machine"] for r in rows if r.get("machine")})
-    meta = {"commit": git_commit(), "root": str(args.root), **settings, "machine": machine}
+    meta = {"commit": commit, "root": str(args.root), **settings, "machine": machine}
     table = ("# CIFAR-10 one-class: what the frozen features separate, image AUROC (%)\n\n"
              f"Commit{'s' if len(commits) > 1 else ''} {', '.join(f'`{c}`' for c in commits)}, {args.backbone} "
              f"with packaged weights, on {'; '.join(machines)}. "
